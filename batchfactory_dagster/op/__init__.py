@@ -1,0 +1,19 @@
+"""The op catalogue: ``from batchfactory_dagster.op import *``."""
+
+from ..brokers.base import BrokerFailureBehavior
+from ..core.graph import GraphSegment, Segment, wire
+from . import chat, common, control, llm, outputs, sources, spawn
+from .chat import *
+from .common import *
+from .control import *
+from .llm import *
+from .outputs import *
+from .sources import *
+from .spawn import *
+
+__all__ = sorted(
+    {"BrokerFailureBehavior", "GraphSegment", "Segment", "wire"}
+    | {name for mod in (chat, common, control, llm, outputs, sources, spawn) for name in mod.__all__}
+    - {"get_field", "pairs", "template_fields", "restore_order", "IdxAllocator",
+       "entries_from_items"}
+)
