@@ -3,14 +3,14 @@
 from .base import (
     Broker,
     BrokerFailureBehavior,
-    DeferredBroker,
     ImmediateBroker,
     JobFailure,
     JobResult,
+    Outcome,
 )
 from .llm_broker import ConcurrentLLMCallBroker, Pacer
 
 __all__ = [
-    "Broker", "BrokerFailureBehavior", "ConcurrentLLMCallBroker", "DeferredBroker",
-    "ImmediateBroker", "JobFailure", "JobResult", "Pacer",
+    "Broker", "BrokerFailureBehavior", "ConcurrentLLMCallBroker",
+    "ImmediateBroker", "JobFailure", "JobResult", "Outcome", "Pacer",
 ]

@@ -3,7 +3,7 @@
 A job is a JSON-able request with a content key. The broker answers each distinct key once:
 results live in an append-only ledger, duplicates within a batch share one call, and a re-run
 serves what it already paid for. Subclass :class:`ImmediateBroker` (call and wait) or
-:class:`DeferredBroker` (submit now, collect later) and implement one method.
+:class:`~batchfactory_dagster.brokers.deferred.DeferredBroker` (submit now, collect later) and implement one method.
 
 Ledger records (one JSON line each)::
 
@@ -32,8 +32,7 @@ from ._loop import LoopThread
 from ._progress import Progress
 
 __all__ = [
-    "Broker", "BrokerFailureBehavior", "DeferredBroker", "ImmediateBroker", "JobFailure",
-    "JobResult",
+    "Broker", "BrokerFailureBehavior", "ImmediateBroker", "JobFailure", "JobResult", "Outcome",
 ]
 
 FAILED_SUFFIX = "#failed"
@@ -74,8 +73,8 @@ class JobResult:
 
 
 @dataclass
-class _Outcome:
-    """What one dispatch gave for one key (internal)."""
+class Outcome:
+    """What one dispatch gave for one key: status "done", "failed" or "pending"."""
 
     status: str
     response: dict[str, Any] | None = None
@@ -121,11 +120,11 @@ class Broker(ABC):
         missing = {k: r for k, r in unique.items() if k not in hits}
         self._count_lookup(keys, hits, missing, stats)
         if not missing:
-            outcomes: dict[str, _Outcome] = {}
+            outcomes: dict[str, Outcome] = {}
         elif dispatch:
             outcomes = self.dispatch(missing, stats, progress, retry_malformed)
         else:
-            outcomes = {k: _Outcome("pending") for k in missing}
+            outcomes = {k: Outcome("pending") for k in missing}
             stats.pending += len(missing)
             stats.estimated_cost_usd = _sum_cost(
                 [stats.estimated_cost_usd] + [self.estimate_cost(r) for r in missing.values()])
@@ -142,7 +141,7 @@ class Broker(ABC):
                 stats.saved_usd += float(hits[k].get("cost_usd") or 0.0)
 
     @staticmethod
-    def _result(key: str, hits: dict[str, dict], outcomes: dict[str, _Outcome]) -> JobResult:
+    def _result(key: str, hits: dict[str, dict], outcomes: dict[str, Outcome]) -> JobResult:
         if key in hits:
             return JobResult(key, "done", hits[key].get("response"), cached=True)
         o = outcomes[key]
@@ -154,7 +153,7 @@ class Broker(ABC):
 
     @abstractmethod
     def dispatch(self, jobs: dict[str, dict[str, Any]], stats: CallStats, progress: bool,
-                 retry_malformed: bool) -> dict[str, _Outcome]:
+                 retry_malformed: bool) -> dict[str, Outcome]:
         """Get outcomes for missing keys (and write done/failed records to the ledger)."""
 
     def record_done(self, key: str, request: dict[str, Any], response: dict[str, Any],
@@ -218,7 +217,7 @@ class ImmediateBroker(Broker):
         """React to a failed attempt, e.g. a global cool-down after a 429 (override)."""
 
     def dispatch(self, jobs: dict[str, dict[str, Any]], stats: CallStats, progress: bool,
-                 retry_malformed: bool) -> dict[str, _Outcome]:
+                 retry_malformed: bool) -> dict[str, Outcome]:
         bar = Progress(len(jobs), enabled=progress, desc=type(self).__name__)
         try:
             return self._loop.run(self._dispatch_all(jobs, stats, bar, retry_malformed))
@@ -226,10 +225,10 @@ class ImmediateBroker(Broker):
             bar.close()
 
     async def _dispatch_all(self, jobs: dict[str, dict[str, Any]], stats: CallStats,
-                            bar: Progress, retry_malformed: bool) -> dict[str, _Outcome]:
+                            bar: Progress, retry_malformed: bool) -> dict[str, Outcome]:
         queue = list(jobs.items())
         queue.reverse()  # pop() from the end keeps the input order
-        outcomes: dict[str, _Outcome] = {}
+        outcomes: dict[str, Outcome] = {}
 
         async def worker() -> None:
             while queue:
@@ -241,7 +240,7 @@ class ImmediateBroker(Broker):
         return outcomes
 
     async def _run_job(self, key: str, request: dict[str, Any], stats: CallStats,
-                       retry_malformed: bool) -> _Outcome:
+                       retry_malformed: bool) -> Outcome:
         for attempt in range(1, self.max_attempts + 1):
             await self.before_attempt(request)
             stats.attempts += 1
@@ -254,13 +253,13 @@ class ImmediateBroker(Broker):
                 retry = failure.transient or (retry_malformed and failure.malformed)
                 if not retry or attempt == self.max_attempts:
                     stats.failed += 1
-                    return _Outcome("failed", error=f"{failure.kind}: {failure}")
+                    return Outcome("failed", error=f"{failure.kind}: {failure}")
                 await asyncio.sleep(self.backoff(attempt, failure.retry_after))
                 continue
             stats.new_calls += 1
             self._count_usage(stats, usage, cost)
             self.record_done(key, request, response, attempt, cost)
-            return _Outcome("done", response)
+            return Outcome("done", response)
         raise AssertionError("unreachable")
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -283,36 +282,3 @@ class ImmediateBroker(Broker):
     def close(self) -> None:
         self._loop.close()
         super().close()
-
-
-class DeferredBroker(Broker):
-    """Submits jobs now and collects their results on a later run (or while polling).
-
-    Subclasses implement ``submit(jobs)`` (record what was submitted in the ledger before
-    anything else) and ``collect(keys) -> {key: _Outcome}`` for keys whose results are ready.
-    """
-
-    def dispatch(self, jobs: dict[str, dict[str, Any]], stats: CallStats, progress: bool,
-                 retry_malformed: bool) -> dict[str, _Outcome]:
-        outcomes = self.collect(list(jobs), stats)
-        unsubmitted = {k: r for k, r in jobs.items() if k not in outcomes
-                       and not self.is_submitted(k)}
-        if unsubmitted:
-            self.submit(unsubmitted, stats)
-        for k in jobs:
-            if k not in outcomes:
-                outcomes[k] = _Outcome("pending")
-                stats.pending += 1
-        return outcomes
-
-    @abstractmethod
-    def is_submitted(self, key: str) -> bool:
-        """True when the job is already with the service (do not submit twice)."""
-
-    @abstractmethod
-    def submit(self, jobs: dict[str, dict[str, Any]], stats: CallStats) -> None:
-        """Hand jobs to the service."""
-
-    @abstractmethod
-    def collect(self, keys: list[str], stats: CallStats) -> dict[str, _Outcome]:
-        """Outcomes for the keys whose results are ready (done or failed)."""

@@ -45,8 +45,20 @@ def entries_to_frame(entries: Sequence[Entry]) -> pandas.DataFrame:
     import pandas as pd
 
     _check_reserved(entries, "entries_to_frame", ("idx", "rev"))
-    records = [{"idx": e.idx, "rev": e.rev, **e.data} for e in entries]
-    return pd.DataFrame.from_records(records, columns=["idx", "rev", *_field_names(entries)])
+    columns: dict[str, Any] = {"idx": [e.idx for e in entries], "rev": [e.rev for e in entries]}
+    for f in _field_names(entries):
+        columns[f] = _column([e.data.get(f) for e in entries])
+    return pd.DataFrame(columns, columns=list(columns))
+
+
+def _column(values: list[Any]) -> Any:
+    """Ints with gaps as nullable Int64: pandas would otherwise turn them into floats."""
+    import pandas as pd
+
+    ints = [v for v in values if v is not None]
+    if len(ints) < len(values) and ints and all(type(v) is int for v in ints):
+        return pd.array(values, dtype="Int64")
+    return values
 
 
 def frame_to_entries(df: pandas.DataFrame, idx_column: str = "idx") -> list[Entry]:

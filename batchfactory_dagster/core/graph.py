@@ -71,6 +71,8 @@ class Segment:
         for part in (src, dst):
             self._merge(Segment.of(part))
         self._add(Edge(src_op, src_port, dst_op, dst_port))
+        if src_op is self.tail and src_port == src_op.pipe_out:
+            self.tail = dst_op  # the output moved on: `g | x` and compile() follow it
         return self
 
     def _merge(self, other: Segment) -> None:

@@ -49,6 +49,10 @@ class Op:
     def __or__(self, other: Op | Segment) -> Segment:
         return self.to_segment() | other
 
+    def compile(self) -> Plan:
+        """A one-op pipeline."""
+        return self.to_segment().compile()
+
     def sub_plans(self) -> list[Plan]:
         """Compiled sub-plans of a composite op (loop bodies, branches); empty for plain ops."""
         return []

@@ -44,7 +44,7 @@ _NUMBER_WORDS = {
     "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "fourteen": 14,
 }  # fmt: skip
 _LINES_RE = re.compile(
-    r"\b(\d{1,2}|" + "|".join(_NUMBER_WORDS) + r")[- ](?:line|verse|stanza-line)s?\b", re.I
+    r"\b(\d{1,2}|" + "|".join(_NUMBER_WORDS) + r")[-\u2010\u2011\u2012\u2013 ](?:line|verse|stanza-line)s?\b", re.I
 )
 _SENTENCES_RE = re.compile(r"\b(\d{1,2}|" + "|".join(_NUMBER_WORDS) + r")[- ]sentences?\b", re.I)
 _FORM_LINES = {"haiku": 3, "limerick": 5, "couplet": 2, "quatrain": 4, "tercet": 3, "sonnet": 14}

@@ -176,13 +176,13 @@ class WriteJsonl(OutputOp):
         if not self.path.exists():
             return []
         rows = []
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, "rb") as f:  # bytes: orjson reports bad UTF-8 as bad JSON
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     rows.append(self._earlier_row(ctx, line, lineno))
         return rows
 
-    def _earlier_row(self, ctx: RunContext, line: str, lineno: int) -> dict[str, Any]:
+    def _earlier_row(self, ctx: RunContext, line: bytes, lineno: int) -> dict[str, Any]:
         try:
             row = orjson.loads(line)
         except orjson.JSONDecodeError as exc:

@@ -99,8 +99,8 @@ def _item_entry(item: Any, where: str, output_field: str | None, ids: IdxAllocat
     if output_field is None:
         raise EntryError(ids.op, None, None,
                          f"{where} is a {type(item).__name__} ({item!r:.60}), not a dict or Entry",
-                         "pass output_field='text' to wrap plain values as {'text': value}, "
-                         "or give dicts")
+                         "give dicts such as {'text': value} (FromList also takes "
+                         "output_field='text' to wrap plain values)")
     data = {output_field: copy.deepcopy(item)}
     return Entry(ids.derived(data, where, output_field), data, origin=where)
 

@@ -550,6 +550,7 @@ class FakeOpenAIServer:
         if self._thread is not None:
             return self
         self._ready.clear()
+        self._start_error = None
         self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
         self._thread.start()
         self._ready.wait()

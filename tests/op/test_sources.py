@@ -200,6 +200,19 @@ def test_unreadable_files_name_the_file(tmp_path):
             locked.chmod(0o644)
 
 
+def test_os_errors_name_the_file(tmp_path, monkeypatch):
+    from batchfactory_dagster.op import sources
+
+    p = write(tmp_path / "secret.md", "x\n")
+
+    def denied(*_args, **_kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sources, "open", denied, raising=False)  # works even as root
+    with pytest.raises(ConfigError, match=r"'R'.*secret\.md.*Permission denied"):
+        ReadMarkdownLines(p).generate(ctx("R"))
+
+
 def test_bom_and_crlf(tmp_path):
     p = tmp_path / "w.md"
     p.write_bytes("\ufeff# Title\r\nline\r\n".encode())
