@@ -61,6 +61,7 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
         max_attempts: attempts per request for transient errors (429, 5xx, timeouts, resets).
         timeout: seconds to wait for one answer.
         cooldown: seconds every request waits after a 429 without a Retry-After.
+        api_keys: keys per provider name, overriding their environment variables.
         transport: the seam for OpenAI-compatible providers (default: the openai client).
     """
 
@@ -69,7 +70,7 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
                  timeout: float = 120.0, *, backoff_base: float = 0.5, backoff_max: float = 30.0,
                  cooldown: float = 1.0, allow_truncated: bool = False,
                  transport: Transport | None = None, local_transport: Transport | None = None,
-                 **legacy: Any) -> None:
+                 api_keys: dict[str, str] | None = None, **legacy: Any) -> None:
         concurrency = int(legacy.pop("concurrency_limit", concurrency))
         rpm = legacy.pop("rate_limit", None) * 60 if "rate_limit" in legacy else rpm
         legacy.pop("max_number_per_batch", None)
@@ -81,8 +82,10 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
         self.cooldown, self.allow_truncated = cooldown, allow_truncated
         self.transport = transport or OpenAITransport()
         self.local_transport = local_transport or LocalTransport()
+        self._api_keys = dict(api_keys or {})  # provider -> key; never in repr or ledger
         self._pacers: dict[str, Pacer] | None = None
         self._cooldown_until = 0.0
+        self._active = 0  # dispatches running on the broker's loop
 
     def _limits(self) -> dict[str, Pacer]:
         # Created lazily on the broker's loop: asyncio primitives belong to one loop.
@@ -128,15 +131,30 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
                  retry_malformed: bool) -> Any:
         # Fail before the first call, not in the middle of it, when a key is missing.
         for provider in {parse_model(r["model"])[1] for r in jobs.values()}:
-            get_provider(provider).api_key()
+            if provider not in self._api_keys:
+                get_provider(provider).api_key()
         return super().dispatch(jobs, stats, progress, retry_malformed)
+
+    async def _dispatch_all(self, jobs: dict[str, dict[str, Any]], stats: Any, bar: Any,
+                            retry_malformed: bool) -> Any:
+        self._active += 1
+        try:
+            return await super()._dispatch_all(jobs, stats, bar, retry_malformed)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                # Release the HTTP sessions once the last dispatch is done: a broker that is
+                # never closed (the README never calls close()) must not leave open sessions
+                # behind ("Unclosed client session" at exit); the next dispatch reconnects.
+                await self.transport.aclose()
 
     async def call(self, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int], float | None]:
         name, provider_name = parse_model(request["model"])
         provider = get_provider(provider_name)
         transport = self.local_transport if provider.offline else self.transport
         try:
-            completion = await transport.complete(provider, request_body(request), self.timeout)
+            completion = await transport.complete(provider, request_body(request), self.timeout,
+                                                  self._api_keys.get(provider_name))
             completion = check_completion(completion, self.allow_truncated)
         except CallFailure as exc:
             usage = _usage(exc.usage)

@@ -242,10 +242,10 @@ def _error(path: str, exc: OSError, action: str) -> LedgerError:
     """A LedgerError naming the path, what went wrong and how to fix it."""
     code = exc.errno
     if code in (errno.EACCES, errno.EPERM) and action == "read":
-        what = "is not readable (permission denied)"
+        what = "is not readable"
         fix = "give this process read permission on the file, or point the broker at another cache path"
     elif code in (errno.EACCES, errno.EPERM):
-        what = "is read-only (permission denied)"
+        what = "is read-only"
         fix = "give this process write permission on the file and its directory, or point the broker at another cache path"
     elif code == errno.EROFS:
         what = "is on a read-only file system"
@@ -394,6 +394,11 @@ class JsonlLedger(Ledger):
             return iter(list(self._index))  # a snapshot: refresh() may grow the index
 
     def refresh(self) -> int:
+        """Index what other processes appended since the last read; return its good records.
+
+        Reads only the new bytes. If the file was replaced (another process compacted it) or
+        shrank, it is indexed from scratch and every record in it counts as read.
+        """
         with self._mu:
             self._check_open()
             try:
@@ -406,7 +411,7 @@ class JsonlLedger(Ledger):
 
     # -- writing -------------------------------------------------------------------
 
-    def _writer(self) -> int:
+    def _writer(self, action: str) -> int:
         """The append fd of this process, opened on first use."""
         if self._wfd is not None and self._wpid != os.getpid():
             # A forked child shares the parent's open file description and thus its flock:
@@ -414,7 +419,7 @@ class JsonlLedger(Ledger):
             os.close(self._wfd)
             self._wfd = None
         if self._wfd is None:
-            self._wfd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT, "append")
+            self._wfd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT, action)
             self._wpid = os.getpid()
         return self._wfd
 
@@ -430,7 +435,7 @@ class JsonlLedger(Ledger):
             return False
 
     @contextmanager
-    def _locked(self) -> Iterator[int]:
+    def _locked(self, action: str) -> Iterator[int]:
         """Hold flock(LOCK_EX) on the live file; yield its append fd.
 
         The lock is on the ledger file itself, not on a sibling .lock file: no stray files,
@@ -439,11 +444,11 @@ class JsonlLedger(Ledger):
         dead once it gets the lock, and retries on the new file.
         """
         while True:
-            fd = self._writer()
+            fd = self._writer(action)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError as exc:
-                raise _error(self._path, exc, "lock") from exc
+                raise _error(self._path, exc, action) from exc
             if self._is_live(fd):
                 break
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -460,7 +465,7 @@ class JsonlLedger(Ledger):
         data = b"\n".join(line for _, line in encoded) + b"\n"
         with self._mu:
             self._check_open()
-            with self._locked() as fd:
+            with self._locked("append") as fd:
                 # Nobody else writes while we hold the lock: catching up makes our offsets exact.
                 self._unreported += self._catch_up(os.fstat(fd))
                 mark = _TORN_MARK if self._size > self._read_pos else b""
@@ -477,8 +482,9 @@ class JsonlLedger(Ledger):
             if self._fsync:
                 os.fsync(fd)
         except OSError as exc:
-            # Whatever part reached the file has no newline, so it is a torn tail: skipped
-            # on load and sealed with _TORN_MARK by the next append.
+            # Lines that reached the file whole are whole records and count; the line that
+            # was cut has no newline, so it is a torn tail: skipped on load and sealed with
+            # _TORN_MARK by the next append.
             raise _error(self._path, exc, "append") from exc
 
     def _index_own(self, encoded: list[tuple[str, bytes]], mark: int) -> None:
@@ -496,7 +502,7 @@ class JsonlLedger(Ledger):
     def compact(self) -> None:
         with self._mu:
             self._check_open()
-            with self._locked() as fd:
+            with self._locked("compact") as fd:
                 self._unreported += self._catch_up(os.fstat(fd))
                 self._rewrite(os.fstat(fd).st_mode)
             self._drop_writer()  # it points at the replaced file
@@ -560,8 +566,16 @@ class JsonlLedger(Ledger):
         if getattr(self, "_mu", None) is not None:
             self.close()
 
+    def __reduce__(self) -> tuple[object, tuple[str, bool]]:
+        # File descriptors mean nothing in another process: a pickled ledger reopens its path.
+        return _reopen, (self._path, self._fsync)
+
     def __repr__(self) -> str:
         return f"JsonlLedger({self._path!r}, {len(self)} keys)"
+
+
+def _reopen(path: str, fsync: bool) -> JsonlLedger:
+    return JsonlLedger(path, fsync=fsync)
 
 
 def _unlink_quietly(path: str) -> None:

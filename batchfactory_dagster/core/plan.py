@@ -134,25 +134,41 @@ class Plan:
     def _steps(self, batch: list[Entry] | None, ctx: RunContext,
                out: list[Entry]) -> Iterator[str]:
         buffers: dict[tuple[int, int], list[Entry]] = {}
-        outer = ctx.op_name
-        for i, node in enumerate(self.nodes):
-            inputs = [buffers.pop(src) if src is not None else list(batch or [])
-                      for src in node.inputs]
-            ctx.op_name = node.name
-            outputs = node.op.process(inputs, ctx)
-            if len(outputs) != node.op.n_out:
-                raise RuntimeError(f"op {node.name!r} returned {len(outputs)} batches for "
-                                   f"{node.op.n_out} out-ports")
-            for port, produced in enumerate(outputs):
-                check_unique(node.name, produced)
-                buffers[(i, port)] = produced
-            n_in = sum(len(b) for b in inputs)
-            n_out = sum(len(b) for b in outputs)
-            prev = ctx.counts.get(node.name, (0, 0))
-            ctx.counts[node.name] = (prev[0] + n_in, prev[1] + n_out)
-            ctx.op_name = outer
-            yield node.name
+        for i in range(len(self.nodes)):
+            self.run_node(i, buffers, batch, ctx)
+            yield self.nodes[i].name
         out.extend(buffers.get(self.output, []))
+
+    def run_node(self, i: int, buffers: dict[tuple[int, int], list[Entry]],
+                 batch: list[Entry] | None, ctx: RunContext) -> None:
+        """Run node ``i`` on the buffers of its inputs (consumed) and store its outputs."""
+        node, outer = self.nodes[i], ctx.op_name
+        inputs = [buffers.pop(src) if src is not None else list(batch or [])
+                  for src in node.inputs]
+        ctx.op_name = node.name
+        outputs = node.op.process(inputs, ctx)
+        if len(outputs) != node.op.n_out:
+            raise RuntimeError(f"op {node.name!r} returned {len(outputs)} batches for "
+                               f"{node.op.n_out} out-ports")
+        for port, produced in enumerate(outputs):
+            check_unique(node.name, produced)
+            buffers[(i, port)] = produced
+        prev = ctx.counts.get(node.name, (0, 0))
+        ctx.counts[node.name] = (prev[0] + sum(map(len, inputs)),
+                                 prev[1] + sum(map(len, outputs)))
+        ctx.op_name = outer
+
+    def spawn_region(self, i: int) -> tuple[int, list[int]]:
+        """For spawn node ``i``: its collect's node index and the nodes between them (in order)."""
+        collect = next(j for j, n in enumerate(self.nodes)
+                       if getattr(n.op, "spawn", None) is self.nodes[i].op)
+        inside: set[tuple[int, int]] = {(i, 1)}
+        body: list[int] = []
+        for j in range(i + 1, collect):
+            if any(src in inside for src in self.nodes[j].inputs):
+                body.append(j)
+                inside.update((j, p) for p in range(self.nodes[j].op.n_out))
+        return collect, body
 
     @property
     def ops(self) -> list[Op]:

@@ -40,9 +40,10 @@ class CallFailure(Exception):
 
 class Transport(ABC):
     @abstractmethod
-    async def complete(self, provider: Provider, body: dict[str, Any],
-                       timeout: float) -> dict[str, Any]:
-        """Return the chat.completion dict or raise CallFailure."""
+    async def complete(self, provider: Provider, body: dict[str, Any], timeout: float,
+                       api_key: str | None = None) -> dict[str, Any]:
+        """Return the chat.completion dict or raise CallFailure. ``api_key`` overrides the
+        provider's environment variable (a Dagster EnvVar resolved by the resource)."""
 
     async def aclose(self) -> None:
         """Release connections."""
@@ -68,8 +69,8 @@ class LocalTransport(Transport):
     def __init__(self, latency: float = 0.0) -> None:
         self.latency = latency
 
-    async def complete(self, provider: Provider, body: dict[str, Any],
-                       timeout: float) -> dict[str, Any]:
+    async def complete(self, provider: Provider, body: dict[str, Any], timeout: float,
+                       api_key: str | None = None) -> dict[str, Any]:
         if self.latency:
             await asyncio.sleep(self.latency)
         return synthetic_completion(body)
@@ -81,10 +82,10 @@ class OpenAITransport(Transport):
     def __init__(self) -> None:
         self._clients: dict[tuple[str | None, str], Any] = {}
 
-    def _client(self, provider: Provider) -> Any:
+    def _client(self, provider: Provider, api_key: str | None) -> Any:
         import openai
 
-        base_url, key = provider.resolve_base_url(), provider.api_key()
+        base_url, key = provider.resolve_base_url(), api_key or provider.api_key()
         client = self._clients.get((base_url, key))
         if client is None:
             client = openai.AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0,
@@ -92,11 +93,11 @@ class OpenAITransport(Transport):
             self._clients[(base_url, key)] = client
         return client
 
-    async def complete(self, provider: Provider, body: dict[str, Any],
-                       timeout: float) -> dict[str, Any]:
+    async def complete(self, provider: Provider, body: dict[str, Any], timeout: float,
+                       api_key: str | None = None) -> dict[str, Any]:
         import openai
 
-        client = self._client(provider)
+        client = self._client(provider, api_key)
         try:
             raw = await client.chat.completions.with_raw_response.create(**body, timeout=timeout)
             content = raw.content
@@ -112,9 +113,13 @@ class OpenAITransport(Transport):
             raise CallFailure("bad_response", f"the reply is not valid JSON: {exc}") from exc
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
             await client.close()
-        self._clients.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Live clients cannot be pickled (and hold the API key): the copy makes its own.
+        return {"_clients": {}}
 
 
 def _status_failure(exc: Any) -> CallFailure:

@@ -142,8 +142,10 @@ class ConcurrentLLMCall(Op):
 
     def process(self, inputs: list[list[Entry]], ctx: RunContext) -> list[list[Entry]]:
         entries = inputs[0]
+        # Under Dagster the broker comes from a resource, found by the key the builder set.
+        broker = ctx.extra.get("brokers", {}).get(getattr(self, "broker_key", None), self.broker)
         try:
-            results = self.broker.run(
+            results = broker.run(
                 self._requests(entries, ctx), dispatch=ctx.dispatch_brokers,
                 stats=ctx.call_stats(), progress=ctx.show_progress,
                 retry_malformed=self.failure_behavior is BrokerFailureBehavior.RETRY)

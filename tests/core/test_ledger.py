@@ -6,6 +6,7 @@ import errno
 import fcntl
 import multiprocessing
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,8 @@ from batchfactory_dagster.core import ledger as ledger_mod
 from batchfactory_dagster.core.errors import LedgerError
 from batchfactory_dagster.core.ledger import JsonlLedger, Ledger, MemoryLedger, open_ledger
 
-# fork: workers start in milliseconds, and each opens its own ledger as a Dagster step would.
+# fork: workers start in milliseconds, and each opens its own ledger as a Dagster step would;
+# one test also uses spawn, which is what Dagster's multiprocess executor amounts to.
 FORK = multiprocessing.get_context("fork")
 
 
@@ -210,16 +212,21 @@ def test_truncation_at_any_byte_keeps_every_complete_record(path: Path) -> None:
 
 
 def _deny_writes_to(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make `path` read-only for this process, also as root (root ignores mode bits)."""
-    path.chmod(0o444)
+    """Make a file, or a directory's entries, read-only, also as root (who ignores mode bits)."""
+    path.chmod(0o555 if path.is_dir() else 0o444)
     if os.geteuid() != 0:
         return
     real_open = os.open
 
+    def denied(p: str, flags: int) -> bool:
+        if path.is_dir():  # creating an entry needs write permission on the directory
+            return os.path.dirname(p) == str(path) and bool(flags & os.O_CREAT) and not os.path.exists(p)
+        return p == str(path) and bool(flags & (os.O_WRONLY | os.O_RDWR))
+
     def fake_open(p: object, flags: int, *args: object, **kwargs: object) -> int:
-        if os.fspath(p) == str(path) and flags & (os.O_WRONLY | os.O_RDWR):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(p, flags, *args, **kwargs)
+        if denied(os.fspath(p), flags):  # type: ignore[arg-type]
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(p))  # type: ignore[arg-type]
+        return real_open(p, flags, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ledger_mod.os, "open", fake_open)
 
@@ -235,8 +242,35 @@ def test_read_only_file_reads_but_refuses_appends(path: Path, monkeypatch: pytes
                 led.append(rec("b"))
             assert str(path) in str(info.value)
             assert led.get("a") == rec("a") and led.get("b") is None
+            with pytest.raises(LedgerError, match="read-only: cannot compact"):
+                led.compact()
+            assert led.get("a") == rec("a")
     finally:
         path.chmod(0o644)
+
+
+def test_read_only_directory(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with JsonlLedger(path) as led:
+        led.append(rec("a"))
+    _deny_writes_to(path.parent, monkeypatch)
+    try:
+        with pytest.raises(LedgerError, match="read-only: cannot create") as info:
+            JsonlLedger(path.parent / "new.jsonl")
+        assert str(path.parent / "new.jsonl") in str(info.value)
+        with JsonlLedger(path) as led:
+            led.append(rec("b"))  # the lock is on the file itself: no new file is needed
+            with pytest.raises(LedgerError, match="read-only: cannot compact"):
+                led.compact()  # its temp file is
+            assert led.get("b") == rec("b") and not list(path.parent.glob(".*compact"))
+    finally:
+        path.parent.chmod(0o755)
+
+
+def test_pickled_ledger_reopens_its_path(path: Path) -> None:
+    with JsonlLedger(path) as led:
+        led.append(rec("a"))
+        with pickle.loads(pickle.dumps(led)) as copy:
+            assert copy.path == led.path and copy.get("a") == rec("a")
 
 
 def test_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
@@ -276,9 +310,9 @@ def test_full_disk_raises_and_serves_nothing_half_written(
         assert view.torn_lines == (kept != "none")
 
 
-def _append_worker(path: str, name: str, count: int, start: multiprocessing.Event) -> None:
+def _append_worker(path: str, name: str, count: int, start: multiprocessing.Barrier) -> None:
     """Append `count` records one by one, then check this process's own index."""
-    start.wait()
+    start.wait()  # all workers begin together, whatever their start-up time
     with JsonlLedger(path) as led:
         for i in range(count):
             big = "x" * 70_000 if i % 200 == 0 else ""  # some writes far above PIPE_BUF
@@ -289,12 +323,15 @@ def _append_worker(path: str, name: str, count: int, start: multiprocessing.Even
     os._exit(0)
 
 
-def _run_workers(path: Path, names: list[str], count: int) -> list[multiprocessing.Process]:
-    start = FORK.Event()
-    procs = [FORK.Process(target=_append_worker, args=(str(path), n, count, start)) for n in names]
+def _run_workers(
+    path: Path, names: list[str], count: int, method: str = "fork"
+) -> list[multiprocessing.Process]:
+    ctx = multiprocessing.get_context(method)
+    start = ctx.Barrier(len(names))
+    procs = [ctx.Process(target=_append_worker, args=(str(path), n, count, start)) for n in names]
     for proc in procs:
         proc.start()
-    start.set()
+        proc.barrier = start  # type: ignore[attr-defined]  # keep its semaphore alive until joined
     return procs
 
 
@@ -304,10 +341,10 @@ def _join_ok(procs: list[multiprocessing.Process]) -> None:
     assert [proc.exitcode for proc in procs] == [0] * len(procs)
 
 
-@pytest.mark.parametrize("n_procs", [2, 4])
-def test_concurrent_processes_lose_nothing(path: Path, n_procs: int) -> None:
+@pytest.mark.parametrize(("n_procs", "method"), [(2, "fork"), (4, "fork"), (2, "spawn")])
+def test_concurrent_processes_lose_nothing(path: Path, n_procs: int, method: str) -> None:
     names = [f"w{j}" for j in range(n_procs)]
-    _join_ok(_run_workers(path, names, 2000))
+    _join_ok(_run_workers(path, names, 2000, method))
     with JsonlLedger(path) as led:
         assert len(led) == 2000 * n_procs and led.torn_lines == 0
         assert all(led.get(f"{n}-{i}")["value"] == i for n in names for i in range(2000))  # type: ignore[index]
@@ -401,7 +438,10 @@ def test_any_interleaving_of_appends_and_compactions_keeps_the_last_record(
                     led.compact()
                     continue
                 batch = [rec(k, [step, j]) for j, k in enumerate(keys)]
-                led.append_many(batch) if len(batch) > 1 else led.append(batch[0])
+                if len(batch) == 1:
+                    led.append(batch[0])
+                else:
+                    led.append_many(batch)
                 expected.update((r["key"], r) for r in batch)
             assert dict(led.items()) == expected
             other.refresh()
