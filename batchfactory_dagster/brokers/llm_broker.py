@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import Any
 
 from ..llm.models import request_body, response_from_completion
@@ -18,6 +19,7 @@ from ..llm.transport import (
     Transport,
     check_completion,
 )
+from ._loop import LoopThread
 from .base import ImmediateBroker, JobFailure
 
 __all__ = ["ConcurrentLLMCallBroker", "Pacer"]
@@ -85,7 +87,10 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
         self._api_keys = dict(api_keys or {})  # provider -> key; never in repr or ledger
         self._pacers: dict[str, Pacer] | None = None
         self._cooldown_until = 0.0
-        self._active = 0  # dispatches running on the broker's loop
+        # The README never calls close(): when the broker is dropped, or at exit, its HTTP
+        # sessions are closed and its loop thread stopped anyway (no "Unclosed client session",
+        # no idle thread left per discarded broker).
+        self._finalizer = weakref.finalize(self, _release, self._loop, self.transport)
 
     def _limits(self) -> dict[str, Pacer]:
         # Created lazily on the broker's loop: asyncio primitives belong to one loop.
@@ -135,19 +140,6 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
                 get_provider(provider).api_key()
         return super().dispatch(jobs, stats, progress, retry_malformed)
 
-    async def _dispatch_all(self, jobs: dict[str, dict[str, Any]], stats: Any, bar: Any,
-                            retry_malformed: bool) -> Any:
-        self._active += 1
-        try:
-            return await super()._dispatch_all(jobs, stats, bar, retry_malformed)
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                # Release the HTTP sessions once the last dispatch is done: a broker that is
-                # never closed (the README never calls close()) must not leave open sessions
-                # behind ("Unclosed client session" at exit); the next dispatch reconnects.
-                await self.transport.aclose()
-
     async def call(self, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int], float | None]:
         name, provider_name = parse_model(request["model"])
         provider = get_provider(provider_name)
@@ -173,21 +165,40 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
         if pacer is not None and usage["prompt_tokens"] + usage["completion_tokens"]:
             pacer.refund(self.estimate_tokens(request) - sum(usage.values()))
 
-    async def _aclose(self) -> None:
-        await self.transport.aclose()
-
     def close(self) -> None:
-        if self._loop._loop is not None:
-            try:
-                self._loop.run(self._aclose())
-            except Exception:  # closing is best effort; the loop is going away
-                pass
+        self._finalizer()  # closes the transport on the loop, then stops the loop
         self._pacers = None
         super().close()
+        # Usable again after close() (the loop and clients are made lazily): re-arm.
+        self._finalizer = weakref.finalize(self, _release, self._loop, self.transport)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_finalizer", None)
+        state["_pacers"] = None  # asyncio locks belong to this process's loop
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._finalizer = weakref.finalize(self, _release, self._loop, self.transport)
 
     def __repr__(self) -> str:
         return (f"ConcurrentLLMCallBroker(cache_path={self.cache_path!r}, "
                 f"concurrency={self.concurrency}, rpm={self.rpm}, tpm={self.tpm})")
+
+
+def _release(loop: LoopThread, transport: Transport) -> None:
+    """Close the transport's sessions on the broker's loop, then stop that loop (best effort:
+    this also runs from the garbage collector and at interpreter exit)."""
+    if loop._loop is not None and not loop._loop.is_closed():
+        try:
+            loop.run(transport.aclose())
+        except Exception:  # the loop is going away; nothing left to save
+            pass
+    try:
+        loop.close()
+    except RuntimeError:  # collected on the loop's own thread: it cannot join itself
+        pass
 
 
 def _usage(raw: dict[str, Any] | None) -> dict[str, int]:

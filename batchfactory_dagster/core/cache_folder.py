@@ -20,7 +20,10 @@ class CacheFolder:
     """``{data_dir}/{name}_v{major}.{minor}.{patch}``, created on construction."""
 
     def __init__(self, name: str, major: int, minor: int | None = None,
-                 patch: int | None = None, *, data_dir: str | os.PathLike[str] = "./data") -> None:
+                 patch: int | None = None, *, data_dir: str | os.PathLike[str] | None = None
+                 ) -> None:
+        # BATCHFACTORY_DATA_DIR moves every project at once (CI, Dagster deployments).
+        data_dir = data_dir or os.environ.get("BATCHFACTORY_DATA_DIR") or "./data"
         self.name = _check_name(name)
         self.version = _version(major, minor, patch)
         # Resolved once, so a later chdir does not move the project.

@@ -34,12 +34,13 @@ def _plan(pipeline: Plan | Segment | Op) -> Plan:
 
 def build_graph(pipeline: Plan | Segment | Op, name: str, *, chunk_size: int = 1000,
                 unroll_limit: int = 20, final_io_manager_key: str | None = None,
-                description: str | None = None) -> tuple[dg.GraphDefinition, dict[str, Any]]:
+                description: str | None = None, prefix: str = ""
+                ) -> tuple[dg.GraphDefinition, dict[str, Any]]:
     """The Dagster graph of a pipeline, plus the broker objects found in it by resource key."""
     plan = _plan(pipeline)
     brokers = assign_broker_keys(plan)
     opts = BuildOptions(chunk_size=chunk_size, unroll_limit=unroll_limit,
-                        final_io_manager_key=final_io_manager_key)
+                        final_io_manager_key=final_io_manager_key, prefix=prefix)
     builder = GraphBuilder(plan, opts)
     final = _final_op(name, final_io_manager_key)
 
@@ -73,11 +74,21 @@ def _final_op(name: str, io_manager_key: str | None) -> dg.OpDefinition:
     @dg.op(name=f"{name}_output", ins={"payload": dg.In(dg.Any)}, out=out,
            description="the pipeline's output entries with the run report as metadata")
     def finalize(context, payload: Payload):
+        context.log.info(f"{name}: {summary(payload)}")
         for (op, idx), reason in list(payload.report.held.items())[:20]:
             context.log.warning(f"held back by {op}: entry {idx}: {reason}")
         return dg.Output(payload, metadata=run_metadata(payload))
 
     return finalize
+
+
+def summary(payload: Payload) -> str:
+    """One line for logs: what the run produced, called, reused and spent."""
+    s = payload.report.total()
+    cost = "unknown" if s.cost_usd is None else f"${s.cost_usd:.4f}"
+    return (f"{len(payload.entries)} entries out; {s.new_calls} new calls, {s.cache_hits} cache "
+            f"hits, {s.failed} failed, {len(payload.report.held)} held back, {s.total_tokens} "
+            f"tokens, cost {cost}, saved ${s.saved_usd:.4f}")
 
 
 def run_metadata(payload: Payload) -> dict[str, Any]:
@@ -161,7 +172,13 @@ def build_job(pipeline: Plan | Segment | Op, name: str, *,
 def _resource_defs(brokers: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
     defs: dict[str, Any] = {k: dg.ResourceDefinition.hardcoded_resource(b)
                             for k, b in brokers.items()}
-    defs.update(given or {})
+    for key, value in (given or {}).items():
+        if isinstance(value, dg.ResourceDefinition):
+            defs[key] = value
+        elif isinstance(value, dg.ConfigurableResource):
+            defs[key] = value.get_resource_definition()
+        else:
+            defs[key] = dg.ResourceDefinition.hardcoded_resource(value)
     return defs
 
 
@@ -179,7 +196,8 @@ def build_graph_asset(pipeline: Plan | Segment | Op, name: str, *,
     """
     plan = _plan(pipeline)
     graph, brokers = build_graph(plan, name, chunk_size=chunk_size, unroll_limit=unroll_limit,
-                                 final_io_manager_key=IO_MANAGER_KEY, description=description)
+                                 final_io_manager_key=IO_MANAGER_KEY, description=description,
+                                 prefix=f"{name}__")
     if plan.input_port is not None and upstream is None:
         raise dg.DagsterInvalidDefinitionError(
             f"pipeline {name!r} starts with {plan.nodes[plan.input_port[0]].name}, which needs "
@@ -193,7 +211,10 @@ def build_graph_asset(pipeline: Plan | Segment | Op, name: str, *,
         return dg.AssetsDefinition.from_graph(
             graph, keys_by_input_name=keys_by_input,
             keys_by_output_name={"result": dg.AssetKey(name)}, group_name=group_name,
-            resource_defs=_resource_defs(brokers, resources) or None,
+            # brokers given as resources come from Definitions(resources=...); only the plain
+            # broker objects travel with the asset
+            resource_defs=_resource_defs({k: b for k, b in brokers.items()
+                                          if k not in (resources or {})}, None) or None,
             descriptions_by_output_name={"result": description} if description else None,
             code_versions_by_output_name={"result": code_version} if code_version else None,
             partitions_def=partitions_def)

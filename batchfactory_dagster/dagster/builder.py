@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -43,7 +43,7 @@ class BuildOptions:
     chunk_size: int = 1000
     unroll_limit: int = 20
     final_io_manager_key: str | None = None
-    broker_keys: list[str] = field(default_factory=list)
+    prefix: str = ""  # graph assets prefix op names: two assets may both have a "Filter"
 
 
 def assign_broker_keys(plan: Plan, base: str = "llm_broker") -> dict[str, Broker]:
@@ -118,7 +118,7 @@ class GraphBuilder:
     # -- op factories ---------------------------------------------------------------------------
     def _op(self, name: str, fn: Callable[..., Any], ins: list[str], outs: dict[str, dg.Out],
             ops: list[Op], description: str) -> dg.OpDefinition:
-        return dg.op(name=name, ins={i: dg.In(dg.Any) for i in ins}, out=outs,
+        return dg.op(name=self.opts.prefix + name, ins={i: dg.In(dg.Any) for i in ins}, out=outs,
                      required_resource_keys=_broker_keys_of(ops), description=description,
                      tags={"kind": "batchfactory"})(fn)
 
@@ -252,7 +252,8 @@ class _NodeUnit(_Unit):
             handles[(self.i, 0)] = _compose_loop(b, node.op, node.name + suffix, ins[0], suffix,
                                                  mapped)
             return
-        result = b.node_op(plan, self.i, node.name + suffix)(*ins)
+        result = b.node_op(plan, self.i, node.name + suffix)(
+            **{f"in{p}": h for p, h in enumerate(ins)})
         outs = [result] if node.op.n_out == 1 else list(result)
         for p, h in enumerate(outs):
             handles[(self.i, p)] = h

@@ -9,12 +9,14 @@ with :func:`register_provider`.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from ..core.errors import ConfigError
 
 __all__ = [
-    "OFFLINE_ENV", "Provider", "get_provider", "list_providers", "offline_mode", "parse_model",
+    "OFFLINE_ENV", "Provider", "get_provider", "list_providers", "offline_mode", "offline_unless_key",
+    "parse_model",
     "register_provider",
 ]
 
@@ -82,6 +84,20 @@ def list_providers() -> list[str]:
 def offline_mode() -> bool:
     """True when BATCHFACTORY_OFFLINE is set: every provider is answered by ``local``."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline_unless_key(env: str = "OPENAI_API_KEY", *, quiet: bool = False) -> bool:
+    """Turn on offline mode when ``env`` holds no key; returns True when running offline.
+
+    What the examples and ``definitions.py`` call first, so they work on a fresh machine.
+    """
+    if not os.environ.get(env):
+        os.environ[OFFLINE_ENV] = "1"
+    offline = offline_mode()
+    if offline and not quiet:
+        print(f"{OFFLINE_ENV}=1 (no {env}): answers are synthetic, labelled [synthetic], made "
+              f"offline at no cost; set {env} for real answers.", file=sys.stderr)
+    return offline
 
 
 def parse_model(model: str) -> tuple[str, str]:
