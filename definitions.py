@@ -79,7 +79,9 @@ jobs = [
 ]
 quickstart_multiprocess = build_job(
     quickstart.pipeline(project("quickstart"), broker), "quickstart_multiprocess",
-    resources=resources, executor_def=dg.multiprocess_executor)
+    resources=resources,
+    # forkserver: each step process starts ~3x faster than with spawn (dagster-notes P2)
+    executor_def=dg.multiprocess_executor.configured({"start_method": {"forkserver": {}}}))
 
 # -- assets: the same work as a lineage graph --------------------------------------------------
 myth_passages = build_graph_asset(

@@ -8,9 +8,12 @@ from .base import (
     JobResult,
     Outcome,
 )
+from .batch_llm import BatchLLMCallBroker
+from .deferred import DeferredBroker, Poll, Submission
 from .llm_broker import ConcurrentLLMCallBroker, Pacer
 
 __all__ = [
-    "Broker", "BrokerFailureBehavior", "ConcurrentLLMCallBroker",
-    "ImmediateBroker", "JobFailure", "JobResult", "Outcome", "Pacer",
+    "BatchLLMCallBroker", "Broker", "BrokerFailureBehavior", "ConcurrentLLMCallBroker",
+    "DeferredBroker", "ImmediateBroker", "JobFailure", "JobResult", "Outcome", "Pacer", "Poll",
+    "Submission",
 ]

@@ -26,7 +26,7 @@ from ..llm.providers import Provider, get_provider, parse_model
 from ..llm.synthetic import estimate_prompt_tokens, synthetic_completion
 from ..llm.transport import CallFailure, _status_failure, check_completion
 from .base import FAILED_SUFFIX, ImmediateBroker, JobFailure, Outcome
-from .deferred import DeferredBroker, Poll, Submission, _Round
+from .deferred import DeferredBroker, Poll, Submission
 from .llm_broker import ConcurrentLLMCallBroker, _usage
 
 __all__ = ["BatchLLMCallBroker"]
@@ -86,30 +86,24 @@ class BatchLLMCallBroker(DeferredBroker):
     def _answer_locally(self, jobs: dict[str, dict[str, Any]],
                         stats: CallStats) -> dict[str, Outcome]:
         """An in-process batch that finishes at once, recorded like a collected one."""
-        rnd = _Round(jobs, stats, False, _NoBar())
+        outcomes: dict[str, Outcome] = {}
         records: list[dict[str, Any]] = []
         stats.attempts += len(jobs)
         for key, request in jobs.items():
             completion = synthetic_completion(request_body(request))
             result = self._line_result(request["model"], key, completion)
             if isinstance(result, JobFailure):
-                records.extend(self._local_failure(key, result, rnd))
+                # Deterministic answers: a retry gives the same one, so it fails for this run.
+                stats.failed += 1
+                outcomes[key] = Outcome("failed", error=f"{result.kind}: {result}")
+                records.append(_local_failure(key, result))
                 continue
             records.append(self._done_record(key, request, result[0], {}, result[2], "local"))
             stats.new_calls += 1
             ImmediateBroker._count_usage(stats, result[1], result[2])
-            rnd.outcomes[key] = Outcome("done", result[0])
+            outcomes[key] = Outcome("done", result[0])
         self.ledger.append_many(records)
-        return rnd.outcomes
-
-    def _local_failure(self, key: str, failure: JobFailure, rnd: _Round) -> list[dict[str, Any]]:
-        # Deterministic answers: retrying gives the same one, so it fails for this run.
-        rnd.stats.failed += 1
-        rnd.outcomes[key] = Outcome("failed", error=f"{failure.kind}: {failure}")
-        return [{"key": key + FAILED_SUFFIX, "status": "failed", "kind": failure.kind,
-                 "error": str(failure), "attempt": 1, "usage": failure.usage,
-                 "cost_usd": failure.cost_usd, "ts": round(time.time(), 3),
-                 "submission": "local"}]
+        return outcomes
 
     # -- splitting and submitting ----------------------------------------------------------
     def split(self, jobs: dict[str, dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
@@ -285,9 +279,10 @@ class BatchLLMCallBroker(DeferredBroker):
         return state
 
 
-class _NoBar:
-    def update(self, stats: CallStats) -> None:
-        pass
+def _local_failure(key: str, failure: JobFailure) -> dict[str, Any]:
+    return {"key": key + FAILED_SUFFIX, "status": "failed", "kind": failure.kind,
+            "error": str(failure), "attempt": 1, "usage": failure.usage,
+            "cost_usd": failure.cost_usd, "ts": round(time.time(), 3), "submission": "local"}
 
 
 def _line(key: str, request: dict[str, Any]) -> bytes:

@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -145,21 +146,21 @@ class DeferredBroker(Broker):
         available to ``find`` after a crash as ``submission.note``."""
         return {}
 
+    @abstractmethod
     def submit(self, submission: Submission) -> dict[str, Any]:
         """Send ``submission.jobs``; return a JSON-able handle for ``poll``. Tag the outside
         object with ``submission.id`` so ``find`` can recognise it. Raise JobFailure on failure
         (transient: retried by recovery; otherwise the jobs fail)."""
-        raise NotImplementedError
 
     def find(self, submission: Submission) -> dict[str, Any] | None:
         """The handle of submission ``submission.id`` if the outside world already has it (a
         crash came between ``submit`` and its record), else None. Default: None."""
         return None
 
+    @abstractmethod
     def poll(self, submission: Submission) -> Poll:
         """Look at a submitted submission (``submission.handle``); raise a transient JobFailure
         when it cannot be reached right now."""
-        raise NotImplementedError
 
     def note(self, submission: Submission, **facts: Any) -> None:
         """Record more facts about a submission being sent (e.g. an uploaded file id), so that

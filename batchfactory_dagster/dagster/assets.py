@@ -162,8 +162,10 @@ def build_job(pipeline: Plan | Segment | Op, name: str, *,
             defs = dg.Definitions(jobs=[job], resources={"llm_broker": LLMBrokerResource(
                 cache_path="data/llm.jsonl", openai_api_key=dg.EnvVar("OPENAI_API_KEY"))})
     """
+    # op names are unique per code location, so every op carries its job's name
     graph, brokers = build_graph(pipeline, name, chunk_size=chunk_size,
-                                 unroll_limit=unroll_limit, description=description)
+                                 unroll_limit=unroll_limit, description=description,
+                                 prefix=f"{name}__")
     resource_defs = _resource_defs(brokers, resources)
     return graph.to_job(name=name, resource_defs=resource_defs,
                         executor_def=executor_def or dg.in_process_executor, tags=tags)

@@ -2,7 +2,8 @@
 
 from ..brokers.base import BrokerFailureBehavior
 from ..core.graph import GraphSegment, Segment, wire
-from . import chat, common, control, llm, outputs, sources, spawn
+from . import broker_call, chat, common, control, llm, outputs, sources, spawn
+from .broker_call import *
 from .chat import *
 from .common import *
 from .control import *
@@ -13,7 +14,7 @@ from .spawn import *
 
 __all__ = sorted(
     {"BrokerFailureBehavior", "GraphSegment", "Segment", "wire"}
-    | {name for mod in (chat, common, control, llm, outputs, sources, spawn) for name in mod.__all__}
+    | {name for mod in (broker_call, chat, common, control, llm, outputs, sources, spawn) for name in mod.__all__}
     - {"get_field", "pairs", "template_fields", "restore_order", "IdxAllocator",
        "entries_from_items"}
 )

@@ -161,7 +161,7 @@ class ConcurrentLLMCall(Op):
                 e.data.pop(self.error_field, None)
                 out.append(e)
             elif res.status == "pending":
-                ctx.hold(e.idx, "pending: the call was not dispatched")
+                ctx.hold(e.idx, f"pending: {res.error or 'the call was not dispatched'}")
             elif self.failure_behavior is BrokerFailureBehavior.EMIT:
                 e.data[self.output_field] = None
                 e.data[self.status_field] = "failed"

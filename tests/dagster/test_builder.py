@@ -75,7 +75,7 @@ def test_spawn_maps_over_chunks_and_matches_local():
     assert rows(dag.entries) == rows(local.entries)
     result = build_job(make(), "s", chunk_size=5).execute_in_process()
     mapped = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"
-              and e.step_key.startswith("Apply[")}
+              and e.step_key.startswith("s__Apply[")}
     assert len(mapped) == 5  # 21 children in chunks of 5
 
 
