@@ -164,7 +164,9 @@ def main() -> None:
         # Linux carries ru_maxrss across fork+exec: this parent must stay small, so even
         # the writing happens in a child.
         spawn("--write", path, "--records", str(args.records))
-        print(f"wrote {args.records:,} records in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(
+            f"wrote {args.records:,} records in {time.perf_counter() - t0:.1f} s", file=sys.stderr
+        )
         runs = [measure(path, args.records, args.gets) for _ in range(args.runs)]
         print(table(runs, args.records, args.gets, os.path.getsize(path)))
 
