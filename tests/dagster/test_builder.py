@@ -125,3 +125,17 @@ def test_llm_pipeline_graph_asset_from_upstream(tmp_path, monkeypatch):
     again = dg.materialize([topics, asset], resources=bf_resources(str(tmp_path / "assets")))
     meta2 = again.asset_materializations_for_node("lines")[0].metadata
     assert meta2["bf/new_calls"].value == 0 and meta2["bf/cache_hits"].value == 3
+
+
+def test_ten_thousand_children_run_as_a_bounded_number_of_steps():
+    def make():
+        rows = [{"xs": list(range(100))} for _ in range(100)]
+        return (FromList(rows) | SpawnFromList("xs", "x") | Apply(lambda x: x + 1, "x", "y")
+                | CollectAllToList("y", "ys"))
+
+    result = build_job(make(), "big", chunk_size=1000).execute_in_process()
+    steps = {e.step_key for e in result.all_events if e.step_key}
+    # FromList, SpawnFromList, 10 chunks x Apply, CollectAllToList, output: 14 steps
+    assert len(steps) == 14, sorted(steps)
+    out = result.output_value().entries
+    assert len(out) == 100 and out[0].data["ys"] == list(range(1, 101))
