@@ -18,12 +18,14 @@ from pathlib import Path
 import dagster as dg
 
 import batchfactory_dagster as bf
+from batchfactory_dagster.brokers import BatchLLMCallBroker
 from batchfactory_dagster.dagster import (
     LLMBrokerResource,
     bf_resources,
     build_graph_asset,
     build_held_back_check,
     build_job,
+    build_pending_sensor,
 )
 from batchfactory_dagster.llm.providers import offline_unless_key
 from batchfactory_dagster.op import (
@@ -109,7 +111,15 @@ fable_synopses = build_graph_asset(
     | ConcurrentLLMCall(broker) | ExtractResponseText(output_field="synopsis"),
     "fable_synopses", upstream="paragraph_summaries", group_name="fables", resources=resources,
     description="a synopsis per fable from its paragraph summaries")
-assets = [myth_passages, poems, fable_chapters, paragraph_summaries, fable_synopses]
+# The same poems through the OpenAI Batch API at half price: a run submits and ends with the
+# entries pending; the sensor runs it again until every answer is collected.
+poems_batch = build_graph_asset(
+    GenerateLLMRequest(quickstart.PROMPT, model=MODEL)
+    | ConcurrentLLMCall(BatchLLMCallBroker(f"{DATA_DIR}/batch_broker.jsonl", poll_interval=0))
+    | ExtractResponseText(),
+    "poems_batch", upstream="myth_passages", group_name="poems",
+    description="the poems via the Batch API (half price, collected on a later run)")
+assets = [myth_passages, poems, poems_batch, fable_chapters, paragraph_summaries, fable_synopses]
 
 build_datasets = dg.define_asset_job("build_datasets", selection=dg.AssetSelection.assets(*assets))
 nightly = dg.ScheduleDefinition(name="nightly_datasets", cron_schedule="0 3 * * *",
@@ -117,9 +127,11 @@ nightly = dg.ScheduleDefinition(name="nightly_datasets", cron_schedule="0 3 * * 
 
 defs = dg.Definitions(
     assets=assets,
-    asset_checks=[build_held_back_check(a) for a in (poems, paragraph_summaries, fable_synopses)],
+    asset_checks=[build_held_back_check(a) for a in (poems, poems_batch, paragraph_summaries,
+                                                      fable_synopses)],
     jobs=[*jobs, quickstart_multiprocess, build_datasets],
     schedules=[nightly],
+    sensors=[build_pending_sensor(poems_batch)],
     resources={**resources, **bf_resources(f"{DATA_DIR}/assets")},
     # the broker runs each step's calls concurrently; one process per step only adds start-up
     executor=dg.in_process_executor,

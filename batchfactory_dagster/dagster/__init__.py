@@ -12,6 +12,7 @@ from .assets import (
     build_graph_asset,
     build_held_back_check,
     build_job,
+    build_pending_sensor,
     run_metadata,
 )
 from .payload import Payload, Report
@@ -20,5 +21,5 @@ from .resources import LLMBrokerResource
 __all__ = [
     "IO_MANAGER_KEY", "AssetEntries", "EntriesIOManager", "LLMBrokerResource", "Payload",
     "Report", "bf_resources", "build_graph", "build_graph_asset", "build_held_back_check",
-    "build_job", "run_metadata",
+    "build_job", "build_pending_sensor", "run_metadata",
 ]

@@ -21,7 +21,7 @@ from .payload import Payload, Report
 
 __all__ = [
     "AssetEntries", "EntriesIOManager", "IO_MANAGER_KEY", "build_graph", "build_graph_asset",
-    "build_held_back_check", "build_job", "run_metadata",
+    "build_held_back_check", "build_job", "build_pending_sensor", "run_metadata",
 ]
 
 IO_MANAGER_KEY = "bf_entries_io_manager"
@@ -276,6 +276,30 @@ def build_held_back_check(asset: dg.AssetsDefinition | str) -> dg.AssetChecksDef
                       "examples": dg.MetadataValue.json(held[:10])})
 
     return held_back_check
+
+
+def build_pending_sensor(asset: dg.AssetsDefinition, *, name: str | None = None,
+                         minimum_interval_seconds: int = 300) -> dg.SensorDefinition:
+    """Re-materialise ``asset`` while its last materialisation reported pending jobs (a
+    deferred broker such as the Batch API still working). One request per materialisation,
+    so a run in progress is never doubled; it stops once nothing is pending."""
+    key = asset.key
+    ident = key.to_python_identifier()
+    job = dg.define_asset_job(f"{ident}_collect", selection=dg.AssetSelection.assets(key))
+
+    @dg.sensor(name=name or f"{ident}_pending", job=job,
+               minimum_interval_seconds=minimum_interval_seconds,
+               description=f"re-runs {key.to_user_string()} until its deferred jobs are collected")
+    def pending_sensor(context: dg.SensorEvaluationContext):
+        event = context.instance.get_latest_materialization_event(key)
+        if event is None or event.asset_materialization is None:
+            return dg.SkipReason(f"{key.to_user_string()} was never materialised")
+        pending = event.asset_materialization.metadata.get("bf/pending")
+        if pending is None or not pending.value:
+            return dg.SkipReason("nothing pending")
+        return dg.RunRequest(run_key=event.run_id, tags={"batchfactory/reason": "pending"})
+
+    return pending_sensor
 
 
 def bf_resources(base_dir: str = "data/assets") -> dict[str, Any]:

@@ -46,9 +46,10 @@ class BuildOptions:
     prefix: str = ""  # graph assets prefix op names: two assets may both have a "Filter"
 
 
-def assign_broker_keys(plan: Plan, base: str = "llm_broker") -> dict[str, Broker]:
-    """Give every broker object in the plan tree a resource key (``llm_broker``, ``llm_broker_2``)
-    and tell its ops; returns key -> broker."""
+def assign_broker_keys(plan: Plan) -> dict[str, Broker]:
+    """Give every broker object in the plan tree a resource key and tell its ops; returns
+    key -> broker. Keys name the kind: ``llm_broker`` (ConcurrentLLMCallBroker),
+    ``batch_llm_broker``, otherwise the class name in snake case; ``_2``, ``_3`` for more."""
     keys: dict[str, Broker] = {}
     for op in _all_ops(plan):
         broker = getattr(op, "broker", None)
@@ -56,10 +57,21 @@ def assign_broker_keys(plan: Plan, base: str = "llm_broker") -> dict[str, Broker
             continue
         key = next((k for k, b in keys.items() if b is broker), None)
         if key is None:
-            key = base if not keys else f"{base}_{len(keys) + 1}"
+            base = _key_base(broker)
+            n = sum(1 for k in keys if k == base or k.startswith(base + "_"))
+            key = base if n == 0 else f"{base}_{n + 1}"
             keys[key] = broker
         op.broker_key = key  # type: ignore[attr-defined]
     return keys
+
+
+def _key_base(broker: Broker) -> str:
+    name = type(broker).__name__
+    if name == "ConcurrentLLMCallBroker":
+        return "llm_broker"
+    if name == "BatchLLMCallBroker":
+        return "batch_llm_broker"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _all_ops(plan: Plan) -> list[Op]:

@@ -44,7 +44,7 @@ def test_definitions_load_with_lineage():
     graph = repo.asset_graph
     deps = {k.to_user_string(): {d.to_user_string() for d in graph.get(k).parent_keys}
             for k in graph.get_all_asset_keys()}
-    assert deps["poems"] == {"myth_passages"}
+    assert deps["poems"] == {"myth_passages"} and deps["poems_batch"] == {"myth_passages"}
     assert deps["fable_synopses"] == {"paragraph_summaries"}
     assert deps["paragraph_summaries"] == {"fable_chapters"}
 
