@@ -257,6 +257,7 @@ class ImmediateBroker(Broker):
                 await asyncio.sleep(self.backoff(attempt, failure.retry_after))
                 continue
             stats.new_calls += 1
+            stats.models.add(str(request.get("model", "")))
             self._count_usage(stats, usage, cost)
             self.record_done(key, request, response, attempt, cost)
             return Outcome("done", response)

@@ -176,6 +176,9 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
         state = super().__getstate__()
         state.pop("_finalizer", None)
         state["_pacers"] = None  # asyncio locks belong to this process's loop
+        # Keys never travel in a pickle: the receiving process reads them from its own
+        # environment (or its Dagster resource) again.
+        state["_api_keys"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -151,6 +151,12 @@ class ConcurrentLLMCall(Op):
                 retry_malformed=self.failure_behavior is BrokerFailureBehavior.RETRY)
         except ConfigError as exc:
             raise ConfigError(f"op {ctx.op_name!r}: {exc}") from exc
+        stats = ctx.call_stats()
+        if stats.unpriced_calls:
+            ctx.warn(f"{stats.unpriced_calls} calls to {', '.join(sorted(stats.models))} have "
+                     "no known price: the run's cost is reported as unknown; add prices with "
+                     "batchfactory_dagster.set_price(model, input_per_million, "
+                     "output_per_million)")
         out: list[Entry] = []
         journal: list[dict[str, Any]] = []
         for e, res in zip(entries, results):

@@ -160,6 +160,14 @@ class _FileSource(SourceOp):
     def _read(self, path: str, ids: IdxAllocator, ctx: RunContext) -> Iterator[Entry]:
         raise NotImplementedError
 
+    def identity(self, path: str) -> str:
+        """The file's part of an entry's identity: its path below the glob's fixed folder, so
+        idx (and hence Shuffle's order) is the same in every checkout and however the folder
+        is spelt ("./data/*.txt", "/home/me/proj/data/*.txt")."""
+        fixed = re.split(r"[*?\[]", self.glob_str, maxsplit=1)[0]
+        root = fixed if fixed.endswith(os.sep) or os.path.isdir(fixed) else os.path.dirname(fixed)
+        return os.path.relpath(path, root or ".").replace(os.sep, "/")
+
     def _files(self, name: str) -> list[str]:
         if os.path.isfile(self.glob_str):
             return [self.glob_str]  # a literal name may hold glob metacharacters like [1]
@@ -262,7 +270,7 @@ class ReadMarkdownLines(_MarkdownSource):
             elif line:
                 where = f"{path}:{lineno}"
                 # The file is part of the identity: one line in two files gives two entries.
-                idx = ids.derived([path, headings, line], where)
+                idx = ids.derived([self.identity(path), headings, line], where)
                 data = self._place({self.keyword_field: line}, headings, path)
                 yield Entry(idx, data, origin=where)
 
@@ -292,7 +300,7 @@ class ReadMarkdownEntries(_MarkdownSource):
             if self.title_field is not None:
                 data[self.title_field] = headings[-1]
             self._place(data, headings[:-1], path)
-            yield Entry(ids.derived([path, headings], where), data, origin=where)
+            yield Entry(ids.derived([self.identity(path), headings], where), data, origin=where)
 
 
 # -- tables ------------------------------------------------------------------------------------

@@ -130,11 +130,11 @@ def test_malformed_answers_are_not_retried_unless_asked(fake_openai, brokers):
 
 
 def test_a_timeout_is_retried(fake_openai, tmp_path, brokers):
-    fake_openai.set_script("gpt-4o-mini", [("slow", 2.0)])
+    fake_openai.set_script("gpt-4o-mini", [("slow", 5.0)])
     path = tmp_path / "ledger.jsonl"
     start = time.monotonic()
     (res,), stats = run(brokers(path, timeout=0.2), [req("slow")])
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 4.0  # did not wait for the slow answer
     assert res.status == "done" and stats.attempts == 2
     assert [r.get("kind") for r in ledger_lines(path)] == ["timeout", None]
 

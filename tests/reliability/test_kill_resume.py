@@ -24,7 +24,7 @@ from batchfactory_dagster.core.ledger import JsonlLedger
 from batchfactory_dagster.testing import FakeServerProcess
 
 N = 300
-TRANSIT = 0.05  # seconds an answer may spend between the server's stamp and the ledger
+TRANSIT = 0.2  # seconds an answer may take from the server's stamp to the ledger (observed: <5 ms)
 SCRIPT = textwrap.dedent("""
     import sys
 
@@ -132,7 +132,9 @@ def test_sigkill_then_resume_pays_only_for_what_was_in_flight(server, tmp_path, 
     assert len(reference) == N and not reference.held
     got, expected = _answers(data_dir), _answers(tmp_path / "reference")
     assert len(got) == N and got == expected
+    transit = [killed_at - r["answered_at"] for r in lost if r["answered"]]
+    transit_ms = max([t * 1000 for t in transit if t > 0], default=0.0)
     print(f"\nkill/resume: {len(first)} requests before the kill, {len(done)} answers in the "
-          f"ledger, {len(strict)} in flight by the server's stamps ({len(in_flight)} counting "
-          f"answers in transit), {len(lost)} answers lost, {total} requests in total for {N} "
-          f"prompts, torn ledger lines: {torn}")
+          f"ledger, {len(lost)} answers lost ({len(strict)} unanswered at the kill by the "
+          f"server's stamps, the rest stamped at most {transit_ms:.1f} ms before it), {total} "
+          f"requests in total for {N} prompts, torn ledger lines: {torn}")
