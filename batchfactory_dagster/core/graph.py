@@ -113,7 +113,12 @@ class Segment:
         names = {id(op): namer(op) for op in order}
         for op in order:
             op.compile_children(namer)
-        return build_plan(self, order, names)
+        plan = build_plan(self, order, names)
+        if _namer is None:  # the top of the tree: sub-plans are checked through their owners
+            from .fields import check_fields
+
+            check_fields(plan)
+        return plan
 
     def execute(self, dispatch_brokers: bool = True, **kwargs: Any) -> RunResult:
         """Shortcut for ``compile().execute(...)``."""

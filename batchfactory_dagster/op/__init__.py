@@ -2,7 +2,7 @@
 
 from ..brokers.base import BrokerFailureBehavior
 from ..core.graph import GraphSegment, Segment, wire
-from . import broker_call, chat, common, control, llm, outputs, sources, spawn
+from . import _fields, broker_call, chat, common, control, llm, outputs, sources, spawn
 from .broker_call import *
 from .chat import *
 from .common import *
