@@ -22,7 +22,7 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # for _common, also when loaded by file path
 
-from _common import DATA, MODEL, offline_unless_key  # noqa: E402
+from _common import DATA, MODEL, run  # noqa: E402
 
 import batchfactory_dagster as bf  # noqa: E402
 from batchfactory_dagster.op import *  # noqa: E402
@@ -44,13 +44,7 @@ def pipeline(project: bf.CacheFolder, broker: bf.brokers.ConcurrentLLMCallBroker
 
 
 def main() -> bf.RunResult:
-    offline_unless_key()
-    project = bf.CacheFolder("quickstart", 1, 0, 0)
-    broker = bf.brokers.ConcurrentLLMCallBroker(project["cache/llm_broker.jsonl"])
-    try:
-        result = pipeline(project, broker).compile().execute(dispatch_brokers=True)
-    finally:
-        broker.close()
+    result = run("quickstart", pipeline)
     print(result.summary())
     return result
 

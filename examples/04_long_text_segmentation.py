@@ -25,7 +25,7 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)  # for _common, also when loaded by file path
 
-from _common import DATA, MODEL, offline_unless_key  # noqa: E402
+from _common import DATA, MODEL, run  # noqa: E402
 
 import batchfactory_dagster as bf  # noqa: E402
 from batchfactory_dagster.op import *  # noqa: E402
@@ -56,13 +56,7 @@ def pipeline(project: bf.CacheFolder, broker: bf.brokers.ConcurrentLLMCallBroker
 
 
 def main() -> bf.RunResult:
-    offline_unless_key()
-    project = bf.CacheFolder("spawn_demo", 1, 0, 0)
-    broker = bf.brokers.ConcurrentLLMCallBroker(project["cache/llm.jsonl"])
-    try:
-        result = pipeline(project, broker).compile().execute(dispatch_brokers=True)
-    finally:
-        broker.close()
+    result = run("spawn_demo", pipeline, "cache/llm.jsonl")
     for e in result:
         print(f"## {e.data['title']} ({len(e.data['paragraphs'])} paragraphs)\n"
               f"{e.data['synopsis']}\n")

@@ -17,7 +17,7 @@ from ..core.graph import Segment
 from ..core.op import Op
 from ..core.plan import Plan
 from .builder import BuildOptions, GraphBuilder, assign_broker_keys
-from .payload import Payload, Report
+from .payload import Payload
 
 __all__ = [
     "AssetEntries", "EntriesIOManager", "IO_MANAGER_KEY", "build_graph", "build_graph_asset",
@@ -306,6 +306,3 @@ def bf_resources(base_dir: str = "data/assets") -> dict[str, Any]:
     """Resources every batchfactory asset needs: the Parquet IO manager."""
     return {IO_MANAGER_KEY: EntriesIOManager(base_dir=base_dir)}
 
-
-def report_of(payload: Payload) -> Report:
-    return payload.report
