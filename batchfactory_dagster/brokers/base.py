@@ -25,7 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from ..core.context import CallStats
+from ..core.errors import ConfigError
 from ..core.hashing import content_hash
 from ..core.ledger import Ledger, open_ledger
 from ._loop import LoopThread
@@ -122,6 +125,7 @@ class Broker(ABC):
         if not missing:
             outcomes: dict[str, Outcome] = {}
         elif dispatch:
+            self._check_recordable(missing)
             outcomes = self.dispatch(missing, stats, progress, retry_malformed)
         else:
             outcomes = {k: Outcome("pending") for k in missing}
@@ -129,6 +133,19 @@ class Broker(ABC):
             stats.estimated_cost_usd = _sum_cost(
                 [stats.estimated_cost_usd] + [self.estimate_cost(r) for r in missing.values()])
         return [self._result(k, hits, outcomes) for k in keys]
+
+    def _check_recordable(self, jobs: dict[str, dict[str, Any]]) -> None:
+        """Refuse, before anything is paid for, jobs whose answers could not be recorded: a
+        read-only ledger, or a request the ledger cannot store (e.g. a dict with int keys)."""
+        self.ledger.check_writable()
+        for key, request in jobs.items():
+            try:
+                orjson.dumps(request)
+            except TypeError as exc:
+                raise ConfigError(
+                    f"request {key[:16]} cannot be recorded in the ledger: it is not "
+                    f"JSON-serialisable ({exc}); nothing was sent. Use only str dict keys and "
+                    "str, int, float, bool, None, list and dict values") from exc
 
     def _count_lookup(self, keys: list[str], hits: dict[str, dict], missing: dict[str, Any],
                       stats: CallStats) -> None:
@@ -200,8 +217,10 @@ class ImmediateBroker(Broker):
                  max_attempts: int = 5, backoff_base: float = 0.5, backoff_max: float = 30.0
                  ) -> None:
         super().__init__(cache_path)
-        if concurrency < 1 or max_attempts < 1:
-            raise ValueError("concurrency and max_attempts must be >= 1")
+        for name, value in (("concurrency", concurrency), ("max_attempts", max_attempts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be an int >= 1, got "
+                                 f"{value!r}")
         self.concurrency, self.max_attempts = concurrency, max_attempts
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self._loop = LoopThread()
@@ -236,7 +255,17 @@ class ImmediateBroker(Broker):
                 outcomes[key] = await self._run_job(key, request, stats, retry_malformed)
                 bar.update(stats)
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(jobs)))))
+        tasks = [asyncio.ensure_future(worker())
+                 for _ in range(min(self.concurrency, len(jobs)))]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # One worker failed for good (e.g. the ledger cannot be written): stop the others,
+            # or they would go on paying for calls in the background after the run has failed.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return outcomes
 
     async def _run_job(self, key: str, request: dict[str, Any], stats: CallStats,

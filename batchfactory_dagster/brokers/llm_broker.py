@@ -78,6 +78,12 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
         legacy.pop("max_number_per_batch", None)
         if legacy:
             raise TypeError(f"unknown arguments: {sorted(legacy)}")
+        for name, value in (("rpm", rpm), ("tpm", tpm), ("timeout", timeout)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not value > 0):
+                unset = " (None for no limit)" if name != "timeout" else ""
+                raise ValueError(f"ConcurrentLLMCallBroker: {name} must be a number > 0"
+                                 f"{unset}, got {value!r}")
         super().__init__(cache_path, concurrency=concurrency, max_attempts=max_attempts,
                          backoff_base=backoff_base, backoff_max=backoff_max)
         self.rpm, self.tpm, self.timeout = rpm, tpm, timeout

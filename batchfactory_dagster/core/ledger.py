@@ -108,6 +108,11 @@ class Ledger(ABC):
         """Append one record; record["key"] must be a non-empty str."""
         self.append_many((record,))
 
+    def check_writable(self) -> None:
+        """Raise LedgerError now if appends cannot work (closed, read-only), so that a broker
+        finds out before it pays for answers it then could not record. A full disk shows only
+        when writing."""
+
     def __enter__(self) -> Self:
         return self
 
@@ -420,6 +425,11 @@ class JsonlLedger(Ledger):
             self._wfd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT, action)
             self._wpid = os.getpid()
         return self._wfd
+
+    def check_writable(self) -> None:
+        with self._mu:
+            self._check_open()
+            self._writer("append")  # opens the append fd: EACCES/EROFS surface here
 
     def _drop_writer(self) -> None:
         if self._wfd is not None:

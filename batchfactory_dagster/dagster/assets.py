@@ -177,7 +177,7 @@ def _resource_defs(brokers: Mapping[str, Any], given: Mapping[str, Any] | None) 
     for key, value in (given or {}).items():
         if isinstance(value, dg.ResourceDefinition):
             defs[key] = value
-        elif isinstance(value, dg.ConfigurableResource):
+        elif hasattr(value, "get_resource_definition"):  # also configure_at_launch()
             defs[key] = value.get_resource_definition()
         else:
             defs[key] = dg.ResourceDefinition.hardcoded_resource(value)

@@ -207,7 +207,9 @@ class GraphBuilder:
                 dynamic = not mapped and self._mappable(plan, i, collect, body)
                 units.append(_SpawnUnit(plan, i, collect, body) if dynamic
                              else _FusedUnit(plan, group))
-            elif isinstance(op, Loop) and op.max_iterations > self.opts.unroll_limit:
+            elif isinstance(op, Loop) and (op.max_iterations > self.opts.unroll_limit or mapped):
+                # mapped over chunks, an unrolled loop's exit would be a fan-in, which Dagster
+                # does not allow downstream of a dynamic output: the loop runs inside one op
                 units.append(_FusedUnit(plan, [i]))
             else:
                 units.append(_NodeUnit(plan, i))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from ..core.hashing import content_hash
 from .providers import offline_mode, parse_model
 
@@ -44,6 +46,10 @@ def request_key(model: str, messages: list[dict[str, Any]], params: dict[str, An
 def make_request(model: str, messages: list[dict[str, Any]], params: dict[str, Any] | None = None,
                  sample: int = 0) -> dict[str, Any]:
     params = {k: v for k, v in (params or {}).items() if v is not None}
+    # As the provider will see them: e.g. logit_bias={1234: -100} gets str keys, so that the
+    # request can be recorded in the ledger (the key is unchanged: it hashes the same JSON).
+    messages, params = orjson.loads(orjson.dumps([messages, params],
+                                                 option=orjson.OPT_NON_STR_KEYS))
     model = effective_model(model)
     return {"model": model, "messages": messages, "params": params, "sample": sample,
             "key": request_key(model, messages, params, sample)}

@@ -102,11 +102,15 @@ class OpenAITransport(Transport):
             raw = await client.chat.completions.with_raw_response.create(**body, timeout=timeout)
             content = raw.content
         except openai.APITimeoutError as exc:
+            lost = _lost_connection(exc)
+            if lost is not None:  # reported as a timeout, but the connection failed at once
+                raise CallFailure("connection", f"connection failed: {lost}") from exc
             raise CallFailure("timeout", f"no answer within {timeout:g}s") from exc
         except openai.APIConnectionError as exc:
             raise CallFailure("connection", f"connection failed: {exc}") from exc
         except openai.APIStatusError as exc:
-            raise _status_failure(exc) from exc
+            # Some servers and proxies quote the key in their error: it never goes further.
+            raise _status_failure(exc, api_key or provider.api_key()) from exc
         try:
             return orjson.loads(content)
         except orjson.JSONDecodeError as exc:
@@ -122,10 +126,33 @@ class OpenAITransport(Transport):
         return {"_clients": {}}
 
 
-def _status_failure(exc: Any) -> CallFailure:
+def _lost_connection(exc: BaseException) -> str | None:
+    """The underlying connection error of an ``APITimeoutError`` that was no timeout, or None.
+
+    The openai client's aiohttp transport reports every aiohttp connection error (server
+    disconnected, connection reset or refused) as ``httpx.ConnectTimeout``; the real cause is
+    at the end of the exception chain.
+    """
+    import aiohttp
+
+    cause: BaseException | None = exc
+    for _ in range(8):
+        nxt = cause.__cause__ or cause.__context__
+        if nxt is None:
+            break
+        cause = nxt
+    if isinstance(cause, TimeoutError) or not isinstance(
+            cause, aiohttp.ClientConnectionError | ConnectionError):
+        return None
+    return f"{type(cause).__name__}: {cause}"
+
+
+def _status_failure(exc: Any, secret: str | None = None) -> CallFailure:
     status = exc.status_code
     retry_after = _retry_after(exc.response.headers)
     message = f"HTTP {status}: {_error_message(exc)}"
+    if secret and len(secret) >= 8:
+        message = message.replace(secret, "***")
     if status == 429:
         return CallFailure("rate_limit", message, status=status, retry_after=retry_after)
     if status in (401, 403):

@@ -9,6 +9,7 @@ from ..brokers.base import Broker, BrokerFailureBehavior
 from ..core.context import RunContext
 from ..core.entry import Entry
 from ..core.errors import ConfigError, DefinitionError
+from ..core.hashing import canonical_json
 from ..core.ledger import Ledger, open_ledger
 from ..core.op import ApplyOp, Op, OutputOp
 from ..llm.models import GENERATION_PARAMS, make_request
@@ -56,7 +57,10 @@ class GenerateLLMRequest(ApplyOp):
                  system_prompt: str | None = None, chat_history_field: bool | str | None = None,
                  after_prompt: str | None = None, *, sample: int = 0,
                  sample_field: str | None = None, **params: Any) -> None:
-        parse_model(model)  # a malformed model or unknown provider fails at composition time
+        try:  # a malformed model or unknown provider fails at composition time
+            parse_model(model)
+        except ConfigError as exc:
+            raise ConfigError(f"GenerateLLMRequest(model={model!r}): {exc}") from None
         bad = sorted(set(params) - GENERATION_PARAMS)
         if bad:
             raise DefinitionError(f"GenerateLLMRequest got unknown parameters {bad}; "
@@ -67,6 +71,12 @@ class GenerateLLMRequest(ApplyOp):
         self.chat_history_field = "chat_history" if chat_history_field is True else (
             chat_history_field or None)
         self.params = {"max_completion_tokens": max_completion_tokens, **params}
+        try:
+            canonical_json(self.params)
+        except TypeError as exc:
+            raise DefinitionError(f"GenerateLLMRequest: the generation parameters are not "
+                                  f"JSON-serialisable ({exc}); use str, numbers, bools, None, "
+                                  "lists and dicts") from None
         self.fields = [f for t in (system_prompt, user_prompt, after_prompt) if t
                        for f in template_fields(t)]
 
@@ -90,7 +100,13 @@ class GenerateLLMRequest(ApplyOp):
             messages.append({"role": self.role, "content": self._fill(self.after_prompt, entry, ctx)})
         sample = (get_field(self, ctx, entry, self.sample_field) if self.sample_field
                   else self.sample)
-        entry.data[self.output_field] = make_request(self.model, messages, self.params, int(sample))
+        try:
+            request = make_request(self.model, messages, self.params, int(sample))
+        except TypeError as exc:  # e.g. a chat history message whose content is a set
+            raise self.error(ctx, entry, self.chat_history_field, "the messages are not "
+                             f"JSON-serialisable ({exc})", "make every message content a "
+                             "str") from None
+        entry.data[self.output_field] = request
 
 
 class ConcurrentLLMCall(Op):
