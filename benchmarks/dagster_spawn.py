@@ -6,7 +6,8 @@
 ExtractResponseText -> CollectAllToList. The ledger is filled first (offline ``local``
 provider), then each runner is timed on the cached data, interleaved, median of the repeats:
 local ``plan.execute()``; Dagster ``job.execute_in_process()`` (in-memory instance) and with a
-persistent SQLite instance (what ``dagster job execute`` uses). The Dagster start-up constant is
+persistent SQLite instance (what ``dagster job execute`` uses), the latter also with
+``fuse_chunks=True`` (one step per chunk instead of one per op per chunk). The Dagster start-up constant is
 measured with the same job on a single child. Target: Dagster <= 2 x local + start-up.
 """
 
@@ -68,10 +69,12 @@ def main() -> None:
     plan = pipeline(broker, parents, per_parent).compile()
     job = build_job(pipeline(broker, parents, per_parent), "spawn_bench",
                     chunk_size=args.chunk_size)
+    fused = build_job(pipeline(broker, parents, per_parent), "spawn_fused",
+                      chunk_size=args.chunk_size, fuse_chunks=True)
     tiny = build_job(pipeline(broker, 1, 1), "spawn_tiny", chunk_size=args.chunk_size)
     home = tempfile.mkdtemp()
     results: dict[str, list[float]] = {"local": [], "dagster": [], "dagster_sqlite": [],
-                                       "startup": [], "startup_sqlite": []}
+                                       "fused_sqlite": [], "startup": [], "startup_sqlite": []}
     steps = 0
     with dg.instance_for_test(temp_dir=home) as instance:
         for _ in range(args.repeats):
@@ -81,6 +84,7 @@ def main() -> None:
             results["dagster"].append(time.perf_counter() - start)
             steps = len({e.step_key for e in run.all_events if e.step_key})
             results["dagster_sqlite"].append(timed(lambda: job.execute_in_process(instance=instance)))
+            results["fused_sqlite"].append(timed(lambda: fused.execute_in_process(instance=instance)))
             results["startup"].append(timed(lambda: tiny.execute_in_process()))
             results["startup_sqlite"].append(timed(lambda: tiny.execute_in_process(instance=instance)))
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -89,7 +93,8 @@ def main() -> None:
     print("| --- | ---: | --- |")
     for k, v in results.items():
         print(f"| {k} | {med[k]:.2f} | {', '.join(f'{x:.2f}' for x in v)} |")
-    for kind, start in (("dagster", "startup"), ("dagster_sqlite", "startup_sqlite")):
+    for kind, start in (("dagster", "startup"), ("dagster_sqlite", "startup_sqlite"),
+                        ("fused_sqlite", "startup_sqlite")):
         added = med[kind] - med[start]
         print(f"{kind}: (run - start-up) / local = {added / med['local']:.2f}x; "
               f"target <= 2x: {'met' if added <= 2 * med['local'] else 'MISSED'}")

@@ -34,13 +34,14 @@ def _plan(pipeline: Plan | Segment | Op) -> Plan:
 
 def build_graph(pipeline: Plan | Segment | Op, name: str, *, chunk_size: int = 1000,
                 unroll_limit: int = 20, final_io_manager_key: str | None = None,
-                description: str | None = None, prefix: str = ""
+                description: str | None = None, prefix: str = "", fuse_chunks: bool = False
                 ) -> tuple[dg.GraphDefinition, dict[str, Any]]:
     """The Dagster graph of a pipeline, plus the broker objects found in it by resource key."""
     plan = _plan(pipeline)
     brokers = assign_broker_keys(plan)
     opts = BuildOptions(chunk_size=chunk_size, unroll_limit=unroll_limit,
-                        final_io_manager_key=final_io_manager_key, prefix=prefix)
+                        final_io_manager_key=final_io_manager_key, prefix=prefix,
+                        fuse_chunks=fuse_chunks)
     builder = GraphBuilder(plan, opts)
     final = _final_op(name, final_io_manager_key)
 
@@ -146,9 +147,12 @@ def _preview(entries: list[Entry]) -> dg.MetadataValue:
 def build_job(pipeline: Plan | Segment | Op, name: str, *,
               resources: Mapping[str, Any] | None = None, chunk_size: int = 1000,
               unroll_limit: int = 20, executor_def: dg.ExecutorDefinition | None = None,
-              description: str | None = None, tags: Mapping[str, str] | None = None
-              ) -> dg.JobDefinition:
+              description: str | None = None, tags: Mapping[str, str] | None = None,
+              fuse_chunks: bool = False) -> dg.JobDefinition:
     """A Dagster job that runs the pipeline: one Dagster op per op.
+
+    ``fuse_chunks=True`` runs the ops between a spawn and its collect as one op per chunk:
+    fewer steps where a step is expensive (a process, a pod, SQLite event writes).
 
     Brokers in the pipeline become resources (``llm_broker``, ``llm_broker_2``...); pass
     ``resources={"llm_broker": LLMBrokerResource(...)}`` to configure them from Dagster,
@@ -165,7 +169,7 @@ def build_job(pipeline: Plan | Segment | Op, name: str, *,
     # op names are unique per code location, so every op carries its job's name
     graph, brokers = build_graph(pipeline, name, chunk_size=chunk_size,
                                  unroll_limit=unroll_limit, description=description,
-                                 prefix=f"{name}__")
+                                 prefix=f"{name}__", fuse_chunks=fuse_chunks)
     resource_defs = _resource_defs(brokers, resources)
     return graph.to_job(name=name, resource_defs=resource_defs,
                         executor_def=executor_def or dg.in_process_executor, tags=tags)
@@ -189,7 +193,8 @@ def build_graph_asset(pipeline: Plan | Segment | Op, name: str, *,
                       group_name: str | None = None, chunk_size: int = 1000,
                       unroll_limit: int = 20, resources: Mapping[str, Any] | None = None,
                       description: str | None = None, code_version: str | None = None,
-                      partitions_def: dg.PartitionsDefinition | None = None) -> dg.AssetsDefinition:
+                      partitions_def: dg.PartitionsDefinition | None = None,
+                      fuse_chunks: bool = False) -> dg.AssetsDefinition:
     """A graph-backed asset whose value is the pipeline's output entries, stored as Parquet.
 
     A pipeline that starts with a source needs no upstream; one that starts with an op that
@@ -198,6 +203,7 @@ def build_graph_asset(pipeline: Plan | Segment | Op, name: str, *,
     """
     plan = _plan(pipeline)
     graph, brokers = build_graph(plan, name, chunk_size=chunk_size, unroll_limit=unroll_limit,
+                                 fuse_chunks=fuse_chunks,
                                  final_io_manager_key=IO_MANAGER_KEY, description=description,
                                  prefix=f"{name}__")
     if plan.input_port is not None and upstream is None:

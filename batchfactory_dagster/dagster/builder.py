@@ -44,6 +44,7 @@ class BuildOptions:
     unroll_limit: int = 20
     final_io_manager_key: str | None = None
     prefix: str = ""  # graph assets prefix op names: two assets may both have a "Filter"
+    fuse_chunks: bool = False  # the ops between a spawn and its collect as one op per chunk
 
 
 def assign_broker_keys(plan: Plan) -> dict[str, Broker]:
@@ -314,9 +315,19 @@ class _SpawnUnit(_Unit):
         parents, children = _spawn_op(b, spawn_node.op, spawn_node.name + suffix)(
             *[_in_handle(handles, s) for s in self.sources])
         sub = _region_plan(plan, self.spawn, self.body, self.collect)
-        mapped_out = children.map(lambda chunk: b.compose(sub, chunk, suffix, mapped=True))
+        mapped_out = children.map(lambda chunk: _compose_chunk(b, sub, chunk, suffix))
         handles[(self.collect, 0)] = _collect_op(b, collect_node.op, collect_node.name + suffix)(
             parents, mapped_out.collect())
+
+
+def _compose_chunk(b: GraphBuilder, sub: Plan, chunk: Any, suffix: str) -> Any:
+    """The per-chunk ops: one Dagster op each, or all in one (``fuse_chunks``: one step per
+    chunk, for executors where a step costs a process or a pod)."""
+    if not b.opts.fuse_chunks:
+        return b.compose(sub, chunk, suffix, mapped=True)
+    handles: dict[Any, Any] = {("input", 0): chunk}
+    _FusedUnit(sub, list(range(len(sub.nodes)))).compose(b, sub, handles, suffix, True)
+    return handles[sub.output]
 
 
 def _region_plan(plan: Plan, spawn: int, body: list[int], collect: int) -> Plan:

@@ -139,3 +139,17 @@ def test_ten_thousand_children_run_as_a_bounded_number_of_steps():
     assert len(steps) == 14, sorted(steps)
     out = result.output_value().entries
     assert len(out) == 100 and out[0].data["ys"] == list(range(1, 101))
+
+
+def test_fuse_chunks_runs_one_step_per_chunk_with_the_same_result():
+    def make():
+        rows = [{"xs": list(range(30))} for _ in range(10)]
+        return (FromList(rows) | SpawnFromList("xs", "x") | Apply(lambda x: x + 1, "x", "y")
+                | Filter(lambda d: d["y"] % 2 == 0) | SetField("k", 1)
+                | CollectAllToList("y", "ys", allow_missing=True))
+
+    local = make().compile().execute()
+    result = build_job(make(), "fused", chunk_size=100, fuse_chunks=True).execute_in_process()
+    steps = {e.step_key for e in result.all_events if e.step_key}
+    assert len([s for s in steps if "[" in s]) == 3  # 300 children in 3 chunks, one step each
+    assert rows(result.output_value().entries) == rows(local.entries)
