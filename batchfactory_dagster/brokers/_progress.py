@@ -29,10 +29,16 @@ class Progress:
         now = time.monotonic()
         if now - self._last > 0.5:  # postfix formatting is not free at 1,000 calls/s
             self._last = now
-            cost = "?" if stats.cost_usd is None else f"${stats.cost_usd:.4f}"
-            self._bar.set_postfix_str(f"{stats.total_tokens} tok, {cost}, {stats.failed} failed",
-                                      refresh=False)
+            self._postfix(stats)
 
-    def close(self) -> None:
+    def _postfix(self, stats: CallStats) -> None:
+        assert self._bar is not None
+        cost = "?" if stats.cost_usd is None else f"${stats.cost_usd:.4f}"
+        self._bar.set_postfix_str(f"{stats.total_tokens} tok, {cost}, {stats.failed} failed",
+                                  refresh=False)
+
+    def close(self, stats: CallStats | None = None) -> None:
         if self._bar is not None:
+            if stats is not None:
+                self._postfix(stats)  # the final totals, not the last throttled update
             self._bar.close()

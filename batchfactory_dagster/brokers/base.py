@@ -258,7 +258,7 @@ class ImmediateBroker(Broker):
         try:
             return self._loop.run(self._dispatch_all(jobs, stats, bar, retry_malformed))
         finally:
-            bar.close()
+            bar.close(stats)
 
     async def _dispatch_all(self, jobs: dict[str, dict[str, Any]], stats: CallStats,
                             bar: Progress, retry_malformed: bool) -> dict[str, Outcome]:
