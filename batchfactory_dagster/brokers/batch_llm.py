@@ -21,13 +21,13 @@ import orjson
 
 from ..core.context import CallStats
 from ..llm.models import request_body, response_from_completion
-from ..llm.prices import BATCH_DISCOUNT, compute_cost, get_price
+from ..llm.prices import BATCH_DISCOUNT, compute_cost
 from ..llm.providers import Provider, get_provider, parse_model
-from ..llm.synthetic import estimate_prompt_tokens, synthetic_completion
+from ..llm.synthetic import synthetic_completion
 from ..llm.transport import CallFailure, _status_failure, check_completion
 from .base import FAILED_SUFFIX, ImmediateBroker, JobFailure, Outcome
 from .deferred import DeferredBroker, Poll, Submission
-from .llm_broker import ConcurrentLLMCallBroker, _usage
+from .llm_broker import _usage, estimate_request_cost
 
 __all__ = ["BatchLLMCallBroker"]
 
@@ -249,12 +249,7 @@ class BatchLLMCallBroker(DeferredBroker):
 
     # -- the rest ----------------------------------------------------------------------------
     def estimate_cost(self, request: dict[str, Any]) -> float | None:
-        price = get_price(request["model"])
-        if price is None:
-            return None
-        prompt = estimate_prompt_tokens(request["messages"])
-        out = ConcurrentLLMCallBroker.estimate_tokens(request) - prompt
-        return (prompt * price[0] + out * price[1]) / 1e6 * BATCH_DISCOUNT
+        return estimate_request_cost(request, BATCH_DISCOUNT)
 
     def _client(self, model: str) -> Any:
         import openai

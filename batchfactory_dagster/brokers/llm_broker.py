@@ -22,7 +22,7 @@ from ..llm.transport import (
 from ._loop import LoopThread
 from .base import ImmediateBroker, JobFailure
 
-__all__ = ["ConcurrentLLMCallBroker", "Pacer"]
+__all__ = ["ConcurrentLLMCallBroker", "Pacer", "estimate_request_cost"]
 
 DEFAULT_OUTPUT_ESTIMATE = 512  # tokens assumed per answer when reserving tokens-per-minute
 
@@ -131,12 +131,7 @@ class ConcurrentLLMCallBroker(ImmediateBroker):
         return estimate_prompt_tokens(request["messages"]) + out
 
     def estimate_cost(self, request: dict[str, Any]) -> float | None:
-        price = get_price(request["model"])
-        if price is None:
-            return None
-        prompt = estimate_prompt_tokens(request["messages"])
-        out = self.estimate_tokens(request) - prompt
-        return (prompt * price[0] + out * price[1]) / 1e6
+        return estimate_request_cost(request)
 
     def dispatch(self, jobs: dict[str, dict[str, Any]], stats: Any, progress: bool,
                  retry_malformed: bool) -> Any:
@@ -208,6 +203,17 @@ def _release(loop: LoopThread, transport: Transport) -> None:
         loop.close()
     except RuntimeError:  # collected on the loop's own thread: it cannot join itself
         pass
+
+
+def estimate_request_cost(request: dict[str, Any], discount: float = 1.0) -> float | None:
+    """Rough cost of a request not yet sent: its prompt estimated offline, the answer at
+    ``max_completion_tokens`` capped at DEFAULT_OUTPUT_ESTIMATE; None without a price."""
+    price = get_price(request["model"])
+    if price is None:
+        return None
+    prompt = estimate_prompt_tokens(request["messages"])
+    out = ConcurrentLLMCallBroker.estimate_tokens(request) - prompt
+    return (prompt * price[0] + out * price[1]) / 1e6 * discount
 
 
 def _usage(raw: dict[str, Any] | None) -> dict[str, int]:
