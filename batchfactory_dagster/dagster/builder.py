@@ -20,13 +20,14 @@ from typing import Any
 import dagster as dg
 
 from ..brokers.base import Broker
-from ..core.context import RunContext
 from ..core.entry import Entry
 from ..core.errors import DefinitionError
 from ..core.op import Op
 from ..core.plan import Plan, check_unique
-from ..op.control import If, Loop, restore_order
-from .payload import Payload, Report
+from ..op.control import If, Loop
+from ._control import compose_if, compose_loop
+from ._steps import finish_step, step_context
+from .payload import Payload
 
 __all__ = ["BuildOptions", "GraphBuilder", "assign_broker_keys", "mapping_key"]
 
@@ -94,34 +95,6 @@ def _broker_keys_of(ops: list[Op]) -> set[str]:
     return keys
 
 
-def _step_context(context: Any, payloads: list[Payload], name: str) -> RunContext:
-    step = name
-    key = _mapping_key(context)
-    if key:
-        step = f"{name}[{key}]"
-    ctx = Report.merged([p.report for p in payloads]).to_context(step)
-    brokers = {}
-    for k in context.op_def.required_resource_keys:
-        res = getattr(context.resources, k)
-        brokers[k] = res.get_broker() if hasattr(res, "get_broker") else res
-    ctx.extra["brokers"] = brokers
-    ctx.extra["step"] = step
-    return ctx
-
-
-def _mapping_key(context: Any) -> str | None:
-    try:
-        return context.get_mapping_key()
-    except Exception:  # not every context kind has one
-        return None
-
-
-def _finish(context: Any, ctx: RunContext, before: int) -> Report:
-    for w in ctx.warnings[before:]:
-        context.log.warning(w)
-    return Report.from_context(ctx)
-
-
 class GraphBuilder:
     """Composes a plan's ops inside a ``@dg.graph`` body."""
 
@@ -142,11 +115,11 @@ class GraphBuilder:
 
         def fn(context, **kw):
             payloads = [kw[f"in{p}"] for p in range(n_in)]
-            ctx = _step_context(context, payloads, name)
+            ctx = step_context(context, payloads, name)
             before = len(ctx.warnings)
             inputs = [list(p.entries) for p in payloads]
             outputs = op.process(inputs, ctx)
-            report = _finish(context, ctx, before)
+            report = finish_step(context, ctx, before)
             for p, batch in enumerate(outputs):
                 check_unique(name, batch)
                 yield dg.Output(Payload(batch, report), f"out{p}",
@@ -162,12 +135,12 @@ class GraphBuilder:
 
         def fn(context, **kw):
             payloads = [kw[f"in{k}"] for k in range(len(ext_in))]
-            ctx = _step_context(context, payloads, name)
+            ctx = step_context(context, payloads, name)
             before = len(ctx.warnings)
             buffers = {src: list(p.entries) for src, p in zip(ext_in, payloads)}
             for i in sorted(chosen):
                 plan.run_node(i, buffers, _plan_input(plan, i, buffers), ctx)
-            report = _finish(context, ctx, before)
+            report = finish_step(context, ctx, before)
             for k, src in enumerate(ext_out):
                 yield dg.Output(Payload(buffers[src], report), f"out{k}")
 
@@ -260,11 +233,11 @@ class _NodeUnit(_Unit):
         node = plan.nodes[self.i]
         ins = [_in_handle(handles, s) for s in self.sources]
         if isinstance(node.op, If):
-            handles[(self.i, 0)] = _compose_if(b, node.op, node.name + suffix, ins[0], suffix,
+            handles[(self.i, 0)] = compose_if(b, node.op, node.name + suffix, ins[0], suffix,
                                                mapped)
             return
         if isinstance(node.op, Loop):
-            handles[(self.i, 0)] = _compose_loop(b, node.op, node.name + suffix, ins[0], suffix,
+            handles[(self.i, 0)] = compose_loop(b, node.op, node.name + suffix, ins[0], suffix,
                                                  mapped)
             return
         result = b.node_op(plan, self.i, node.name + suffix)(
@@ -352,11 +325,11 @@ def _spawn_op(b: GraphBuilder, spawn: Op, name: str) -> dg.OpDefinition:
     size = b.opts.chunk_size
 
     def fn(context, in0):
-        ctx = _step_context(context, [in0], name)
+        ctx = step_context(context, [in0], name)
         before = len(ctx.warnings)
         parents, children = spawn.process([list(in0.entries)], ctx)
         check_unique(name, children)
-        report = _finish(context, ctx, before)
+        report = finish_step(context, ctx, before)
         yield dg.Output(Payload(parents, report), "parents", metadata={"entries": len(parents)})
         for k in range(0, len(children), size):
             chunk = children[k:k + size]
@@ -369,112 +342,11 @@ def _spawn_op(b: GraphBuilder, spawn: Op, name: str) -> dg.OpDefinition:
 
 def _collect_op(b: GraphBuilder, collect: Op, name: str) -> dg.OpDefinition:
     def fn(context, in0, in1):
-        ctx = _step_context(context, [in0, *in1], name)
+        ctx = step_context(context, [in0, *in1], name)
         before = len(ctx.warnings)
         children = [e for chunk in in1 for e in chunk.entries]
         (out,) = collect.process([list(in0.entries), children], ctx)
-        report = _finish(context, ctx, before)
+        report = finish_step(context, ctx, before)
         yield dg.Output(Payload(out, report), "out0", metadata={"entries": len(out)})
 
     return b._op(name, fn, ["in0", "in1"], {"out0": dg.Out(dg.Any)}, [collect], collect.describe())
-
-
-def _compose_if(b: GraphBuilder, op: If, name: str, handle: Any, suffix: str, mapped: bool) -> Any:
-    def split(context, in0):
-        ctx = _step_context(context, [in0], name)
-        entries = list(in0.entries)
-        yes, no = op.split(entries, ctx)
-        report = Report.from_context(ctx)
-        yield dg.Output(Payload(yes, report), "yes")
-        yield dg.Output(Payload(no, report), "no")
-        yield dg.Output([e.idx for e in entries], "order")
-
-    def merge(context, yes, no, order):
-        ctx = _step_context(context, [yes, no], name + "_merge")
-        out = op.merge(list(yes.entries), list(no.entries), {k: i for i, k in enumerate(order)}, ctx)
-        yield dg.Output(Payload(out, Report.from_context(ctx)), "out0")
-
-    ops_all = [op]
-    outs = {"yes": dg.Out(dg.Any), "no": dg.Out(dg.Any), "order": dg.Out(dg.Any)}
-    yes, no, order = b._op(name, split, ["in0"], outs, ops_all, op.describe())(handle)
-    assert op.then_plan is not None
-    yes_out = b.compose(op.then_plan, yes, suffix, mapped)
-    no_out = b.compose(op.else_plan, no, suffix, mapped) if op.else_plan is not None else no
-    merge_def = b._op(name + "_merge", merge, ["yes", "no", "order"], {"out0": dg.Out(dg.Any)},
-                      [], "If: both branches back together, in input order")
-    return merge_def(yes_out, no_out, order)
-
-
-def _compose_loop(b: GraphBuilder, op: Loop, name: str, handle: Any, suffix: str,
-                  mapped: bool) -> Any:
-    assert op.body_plan is not None
-    n = op.max_iterations
-    final = _loop_final_op(b, op, f"{name}_it{n}_exit" if n else f"{name}_exit", bump=n > 0)
-    if n == 0:
-        stop, order = _loop_gate_op(b, op, f"{name}_begin", first=True, last=True)(handle)
-        return _loop_merge_op(b, op, name + "_merge")([stop], order)
-    go, stop, order = _loop_gate_op(b, op, f"{name}_it1_gate", first=True, last=False)(handle)
-    stops = [stop]
-    for it in range(1, n + 1):
-        body_out = b.compose(op.body_plan, go, f"{suffix}_it{it}", mapped)
-        if it < n:
-            go, stop = _loop_gate_op(b, op, f"{name}_it{it + 1}_gate", first=False,
-                                     last=False)(body_out)
-        else:
-            stop = final(body_out)
-        stops.append(stop)
-    return _loop_merge_op(b, op, name + "_merge")(stops, order)
-
-
-def _loop_gate_op(b: GraphBuilder, op: Loop, name: str, first: bool, last: bool) -> Any:
-    def fn(context, in0):
-        ctx = _step_context(context, [in0], name)
-        before = len(ctx.warnings)
-        entries = list(in0.entries)
-        if first:
-            op.begin(entries, ctx)
-        else:
-            op.after_body(entries)
-        if last:  # zero iterations: everything leaves now
-            go, stop = op._final_gate(entries, ctx)
-            stop = stop + op.finish(go, ctx)
-            go = []
-        else:
-            go, stop = op.gate(entries, ctx)
-        report = _finish(context, ctx, before)
-        if go:
-            yield dg.Output(Payload(go, report), "go")
-        yield dg.Output(Payload(stop, report), "stop")
-        if first:
-            yield dg.Output([e.idx for e in entries], "order")
-
-    outs: dict[str, dg.Out] = {}
-    if not last:
-        outs["go"] = dg.Out(dg.Any, is_required=False)
-    outs["stop"] = dg.Out(dg.Any)
-    if first:
-        outs["order"] = dg.Out(dg.Any)
-    return b._op(name, fn, ["in0"], outs, [], op.describe())
-
-
-def _loop_final_op(b: GraphBuilder, op: Loop, name: str, bump: bool) -> Any:
-    def fn(context, in0):
-        ctx = _step_context(context, [in0], name)
-        before = len(ctx.warnings)
-        entries = op.after_body(list(in0.entries)) if bump else list(in0.entries)
-        go, stop = op._final_gate(entries, ctx)
-        out = stop + op.finish(go, ctx)
-        yield dg.Output(Payload(out, _finish(context, ctx, before)), "out0")
-
-    return b._op(name, fn, ["in0"], {"out0": dg.Out(dg.Any)}, [], op.describe())
-
-
-def _loop_merge_op(b: GraphBuilder, op: Loop, name: str) -> Any:
-    def fn(context, stops, order):
-        ctx = _step_context(context, list(stops), name)
-        done = [e for p in stops for e in p.entries]
-        out = restore_order(done, {k: i for i, k in enumerate(order)})
-        yield dg.Output(Payload(out, Report.from_context(ctx)), "out0")
-
-    return b._op(name, fn, ["stops", "order"], {"out0": dg.Out(dg.Any)}, [],
-                 "loop exit: every iteration's leavers, in input order")
