@@ -181,3 +181,25 @@ async def _json_body(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise _BadRequest("The request body must be a JSON object.")
     return body
+
+
+class Address:
+    """``port``/``url``/``base_url`` of a fake server, in this process or another one."""
+
+    host: str
+    _port: int | None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError(f"the {type(self).__name__} is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Root URL, e.g. for the ``/_admin`` endpoints."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"

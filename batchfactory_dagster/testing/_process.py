@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from batchfactory_dagster.testing._faults import CHAT_PATH, Fault
+from batchfactory_dagster.testing._faults import CHAT_PATH, Address, Fault
 
 _URL_RE = re.compile(r"http://[^\s/]+:(\d+)/v1")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
-class FakeServerProcess:
+class FakeServerProcess(Address):
     """The fake server in a child process (no GIL shared with the client under test).
 
     Counts and scripts go through the ``/_admin`` endpoints. The child also exits when
@@ -50,20 +50,6 @@ class FakeServerProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the fake server process is not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
 
     @property
     def pid(self) -> int | None:

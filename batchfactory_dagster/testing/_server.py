@@ -19,6 +19,7 @@ from batchfactory_dagster.testing._batches import BatchEmulator
 from batchfactory_dagster.testing._faults import (
     _OK,
     CHAT_PATH,
+    Address,
     Fault,
     ServerOptions,
     _BadRequest,
@@ -45,7 +46,7 @@ _ENTRY: Any = _RequestKey("fake_openai_entry", dict) if _RequestKey else "fake_o
 _DROPPED: Any = _RequestKey("fake_openai_dropped", bool) if _RequestKey else "fake_openai_dropped"
 
 
-class FakeOpenAIServer(_BatchRoutes, _AdminRoutes):
+class FakeOpenAIServer(Address, _BatchRoutes, _AdminRoutes):
     """The fake API on an aiohttp server running in a daemon thread with its own loop."""
 
     def __init__(
@@ -82,21 +83,6 @@ class FakeOpenAIServer(_BatchRoutes, _AdminRoutes):
         self._reset_state()
 
     # lifecycle -------------------------------------------------------------
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the fake server is not started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """Root URL, e.g. for the ``/_admin`` endpoints."""
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
-
     def start(self) -> FakeOpenAIServer:
         """Start serving; returns once the socket is listening."""
         if self._thread is not None:
