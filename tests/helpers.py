@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,3 +20,19 @@ def load_example(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def done_prompts(path: Path) -> list[str]:
+    """The last message of every complete 'done' line in a broker ledger, one per line written
+    (so a prompt recorded twice shows twice); torn or foreign lines are skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "done":
+            out.append(rec["request"]["messages"][-1]["content"])
+    return out

@@ -20,7 +20,6 @@ checks that the ledger keeps every complete record.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -33,6 +32,7 @@ import pytest
 
 from batchfactory_dagster.core.ledger import JsonlLedger
 from batchfactory_dagster.testing import FakeServerProcess
+from tests.helpers import done_prompts
 
 N = 2000
 CONCURRENCY = 32
@@ -182,16 +182,8 @@ def ledger_state(data_dir: Path) -> tuple[list[str], int]:
     path = data_dir / "crash_v1.0.0" / "cache" / "llm.jsonl"
     if not path.exists():
         return [], 0
-    done = []
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("status") == "done":
-            done.append(prompt(rec["request"]))
     with JsonlLedger(path) as led:
-        return done, led.torn_lines
+        return done_prompts(path), led.torn_lines
 
 
 def wait_for(what, timeout: float = 60.0, proc: subprocess.Popen | None = None):
