@@ -37,6 +37,15 @@ def pipeline(path: Path, n: int, concurrency: int = 4, **broker_kw):
     return g, broker
 
 
+
+def rerun(path: Path, n: int):
+    """A fresh pipeline and broker on the same ledger, run once (the resumed run)."""
+    g, broker = pipeline(path, n)
+    try:
+        return g.execute()
+    finally:
+        broker.close()
+
 def sent_prompts(server) -> list[str]:
     return [r["body"]["messages"][-1]["content"] for r in server.requests
             if r["path"] == "/v1/chat/completions"]
@@ -104,11 +113,7 @@ def test_write_fault_mid_run_is_a_clear_error_and_recorded_answers_are_served_ne
     led = JsonlLedger(path)
     assert led.torn_lines == 1 and len(led) == len(recorded)
     led.close()
-    g2, broker2 = pipeline(path, n)
-    try:
-        again = g2.execute()
-    finally:
-        broker2.close()
+    again = rerun(path, n)
     assert len(again) == n and not again.held
     assert again.calls.cache_hits == len(recorded)
     assert again.calls.new_calls == n - len(recorded)
@@ -189,11 +194,7 @@ def test_garbage_in_the_middle_of_a_broker_ledger_costs_only_the_damaged_record(
     led = JsonlLedger(path)
     assert led.torn_lines == len(garbage) + 1
     led.close()
-    g2, broker2 = pipeline(path, n)
-    try:
-        again = g2.execute()
-    finally:
-        broker2.close()
+    again = rerun(path, n)
     assert len(again) == n and not again.held
     assert again.calls.new_calls == 1 and again.calls.cache_hits == n - 1
     assert sent_prompts(fake_openai)[n + 2:] == [victim]
